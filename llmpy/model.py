@@ -1,0 +1,340 @@
+"""GPT-2, written once against the op contract (DESIGN.md section 2).
+
+The model knows no backend: it calls `self.ops.<layer>_forward/_backward` on
+arrays of the backend's kind. Parameters live in ONE flat float32 buffer with a
+named view per tensor (llm.c's order and layouts, so an llm.c file is this
+buffer plus a header); gradients, and AdamW's m and v, use the same layout.
+Activations for a given (B, T) are allocated once and reused every step.
+
+One transformer block (x is the residual stream, shape (B, T, C)):
+    x = x + attproj(attention(qkv(layernorm1(x))))
+    x = x + fcproj(gelu(fc(layernorm2(x))))
+and at the end: logits = layernorm_f(x) @ wte^T (the LM head is tied to wte).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GPTConfig
+from .errors import LlmpyError
+from .ops import get_backend
+
+
+def parameter_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Name and shape of every parameter tensor, in llm.c's order."""
+    Vp, C, L, maxT = cfg.padded_vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size
+    return [
+        ("wte", (Vp, C)),            # token embedding; also the LM head (tied)
+        ("wpe", (maxT, C)),          # position embedding
+        ("ln1w", (L, C)), ("ln1b", (L, C)),
+        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
+        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
+        ("ln2w", (L, C)), ("ln2b", (L, C)),
+        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
+        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
+        ("lnfw", (C,)), ("lnfb", (C,)),
+    ]
+
+
+# 2-D weight matrices get weight decay; biases and layernorm parameters do not.
+DECAYED = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}
+
+
+class FlatTensors:
+    """One flat buffer and a named view into it per tensor: `t.flat`, `t.wte`, ..."""
+
+    def __init__(self, shapes, xp, flat=None, dtype=np.float32):
+        self.shapes = dict(shapes)
+        self.offsets = {}
+        n = 0
+        for name, shape in shapes:
+            self.offsets[name] = n
+            n += int(np.prod(shape))
+        self.flat = xp.zeros(n, dtype=dtype) if flat is None else flat
+        self.views = {}
+        for name, shape in shapes:
+            o = self.offsets[name]
+            self.views[name] = self.flat[o:o + int(np.prod(shape))].reshape(shape)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["views"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def segments(self):
+        """(name, start, stop) of every tensor in the flat buffer."""
+        for name, shape in self.shapes.items():
+            o = self.offsets[name]
+            yield name, o, o + int(np.prod(shape))
+
+
+class Activations:
+    """Everything the forward pass keeps for the backward pass, for one (B, T)."""
+
+    def __init__(self, cfg: GPTConfig, B: int, T: int, xp):
+        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
+        N = B * T
+        f32 = np.float32
+        z = lambda *shape: xp.empty(shape, dtype=f32)  # noqa: E731
+        self.B, self.T = B, T
+        self.encoded = z(N, C)               # residual stream entering layer 0
+        self.ln1, self.ln1_mean, self.ln1_rstd = z(L, N, C), z(L, N), z(L, N)
+        self.qkv = z(L, N, 3 * C)
+        self.att = z(L, B, NH, T, T)         # softmax probabilities
+        self.atty = z(L, N, C)               # attention output, before attproj
+        self.residual2 = z(L, N, C)          # x + attention branch
+        self.ln2, self.ln2_mean, self.ln2_rstd = z(L, N, C), z(L, N), z(L, N)
+        self.fch = z(L, N, 4 * C)            # fc output, before gelu
+        self.fch_gelu = z(L, N, 4 * C)
+        self.residual3 = z(L, N, C)          # x + mlp branch = next layer's input
+        self.lnf, self.lnf_mean, self.lnf_rstd = z(N, C), z(N), z(N)
+        self.logits = z(N, V)                # becomes dlogits in the backward pass
+        self.lse = z(N)                      # logsumexp of each row of logits
+        self.losses = z(N)
+        self.targets = None
+        self.ids = None
+        # backward scratch: one layer's worth, reused by every layer
+        self.dresidual = z(N, C)
+        self.dC = z(N, C)                    # dln1 / dln2 / datty / dlnf
+        self.dqkv = z(N, 3 * C)
+        self.d4C = z(N, 4 * C)               # dfch_gelu, then dfch in place
+        self.scratch4C = z(N, 4 * C)
+        self.ln_scratch = z(2, N, C)
+        self.datt = z(B, NH, T, T)
+
+
+class GPT:
+    """GPT-2 language model. `GPT(config, device="cpu", seed=0)`."""
+
+    def __init__(self, config: GPTConfig, device: str = "cpu", seed: int = 0, init: bool = True):
+        self.config = config
+        self.device = device
+        self.ops = get_backend(device)
+        self.xp = self.ops.xp
+        self.params = FlatTensors(parameter_shapes(config), self.xp)
+        self.grads = None          # allocated by the first backward()
+        self._grads_fresh = True   # True: the next backward overwrites instead of adding
+        self.acts = None
+        self._have_forward = False
+        if init:
+            self._init_weights(seed)
+
+    # ------------------------------------------------------------------ init
+
+    def _init_weights(self, seed: int):
+        # GPT-2's init: N(0, 0.02) weights, zero biases, unit layernorm gains;
+        # the projections that write into the residual stream (attproj, fcproj)
+        # get 0.02 / sqrt(2 L) so the stream's variance does not grow with depth.
+        cfg, p = self.config, self.params
+        rng = np.random.default_rng(seed)
+        std, res_std = 0.02, 0.02 / np.sqrt(2 * cfg.n_layer)
+
+        def normal(shape, s):
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(s)
+
+        host = FlatTensors(parameter_shapes(cfg), np)
+        host.wte[:cfg.vocab_size] = normal((cfg.vocab_size, cfg.n_embd), std)  # padded rows stay 0
+        host.wpe[:] = normal(host.wpe.shape, std)
+        for name in ("qkvw", "fcw"):
+            host.views[name][:] = normal(host.views[name].shape, std)
+        for name in ("attprojw", "fcprojw"):
+            host.views[name][:] = normal(host.views[name].shape, res_std)
+        for name in ("ln1w", "ln2w", "lnfw"):
+            host.views[name][:] = 1.0
+        self.params.flat[:] = self.xp.asarray(host.flat)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count as Hugging Face counts it (no padded vocabulary rows)."""
+        cfg = self.config
+        return self.params.flat.size - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+
+    # ------------------------------------------------------------------ forward
+
+    def _activations(self, B, T):
+        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
+            self.acts = None  # free the old set before allocating the new one
+            self.acts = Activations(self.config, B, T, self.xp)
+        return self.acts
+
+    def forward(self, ids, targets=None):
+        """ids (B, T) ints -> (logits (B, T, V), mean loss or None).
+
+        The logits are a view of the model's own buffer: valid until the next
+        forward() or backward() (which turns them into their gradient)."""
+        ops, cfg, p = self.ops, self.config, self.params
+        ids = self._check_ids(ids, "ids")
+        B, T = ids.shape
+        if T > cfg.block_size:
+            raise LlmpyError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}")
+        a = self._activations(B, T)
+        N, C, NH = B * T, cfg.n_embd, cfg.n_head
+
+        ops.encoder_forward(a.encoded.reshape(B, T, C), ids, p.wte, p.wpe)
+        x = a.encoded
+        for l in range(cfg.n_layer):
+            ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, p.ln1w[l], p.ln1b[l])
+            ops.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
+            ops.attention_forward(a.atty[l].reshape(B, T, C), a.att[l], a.qkv[l].reshape(B, T, 3 * C), NH)
+            ops.matmul_forward(a.residual2[l], a.atty[l], p.attprojw[l], p.attprojb[l])
+            a.residual2[l] += x                                      # residual
+            ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p.ln2w[l], p.ln2b[l])
+            ops.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
+            ops.gelu_forward(a.fch_gelu[l], a.fch[l])
+            ops.matmul_forward(a.residual3[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
+            a.residual3[l] += a.residual2[l]                         # residual
+            x = a.residual3[l]
+        ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb)
+        # LM head against the real vocabulary rows only: the padded rows never
+        # become logits, so they cannot enter the softmax or the loss.
+        ops.matmul_forward(a.logits, a.lnf, p.wte[:cfg.vocab_size], None)
+
+        a.ids = ids
+        self._have_forward = True
+        loss = None
+        if targets is not None:
+            a.targets = self._check_ids(targets, "targets").reshape(N)
+            if a.targets.shape[0] != N:
+                raise LlmpyError(f"targets shape {targets.shape} does not match ids shape {ids.shape}")
+            ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets)
+            loss = float(a.losses.mean())
+        else:
+            a.targets = None
+        return a.logits.reshape(B, T, cfg.vocab_size), loss
+
+    def _check_ids(self, ids, what):
+        ids = self.xp.asarray(ids)
+        if ids.ndim != 2:
+            raise LlmpyError(f"{what} must have shape (B, T), got {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise LlmpyError(f"{what} must be integer token ids, got dtype {ids.dtype}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise LlmpyError(f"{what} hold token ids outside [0, {self.config.vocab_size})")
+        return ids
+
+    # ------------------------------------------------------------------ backward
+
+    def zero_grad(self):
+        """Start a new gradient: the next backward() overwrites instead of adding."""
+        self._grads_fresh = True
+
+    def backward(self, loss_scale: float = 1.0):
+        """Gradient of loss_scale * (mean loss of the last forward) wrt every
+        parameter, ADDED to self.grads (unless zero_grad() was called last, then
+        written). Call after forward(ids, targets)."""
+        a = self.acts
+        if not self._have_forward or a is None or a.targets is None:
+            raise LlmpyError("backward() needs a forward(ids, targets) with targets first")
+        ops, cfg, p = self.ops, self.config, self.params
+        if self.grads is None:
+            self.grads = FlatTensors(parameter_shapes(cfg), self.xp)
+        g = self.grads
+        acc = not self._grads_fresh
+        B, T = a.B, a.T
+        N, C, NH = B * T, cfg.n_embd, cfg.n_head
+
+        # d(mean loss)/d(loss_n) = 1/N; the classifier turns logits into dlogits
+        ops.crossentropy_backward(a.logits, a.lse, a.targets, loss_scale / N)
+        dlogits = a.logits
+        ops.matmul_backward(a.dC, g.wte[:cfg.vocab_size], None, dlogits, a.lnf,
+                            p.wte[:cfg.vocab_size], acc=acc)
+        if not acc:
+            g.wte[cfg.vocab_size:] = 0
+        dres = a.dresidual
+        dres[...] = 0
+        x_last = a.residual3[cfg.n_layer - 1] if cfg.n_layer else a.encoded
+        ops.layernorm_backward(dres, g.lnfw, g.lnfb, a.dC, x_last, p.lnfw, a.lnf_mean, a.lnf_rstd,
+                               a.ln_scratch, acc=acc)
+        for l in reversed(range(cfg.n_layer)):
+            x = a.residual3[l - 1] if l > 0 else a.encoded
+            # MLP branch: its output was added to the stream, so d(fcproj) = dres
+            ops.matmul_backward(a.d4C, g.fcprojw[l], g.fcprojb[l], dres, a.fch_gelu[l], p.fcprojw[l], acc=acc)
+            ops.gelu_backward(a.d4C, a.fch[l], a.d4C, a.scratch4C)
+            ops.matmul_backward(a.dC, g.fcw[l], g.fcb[l], a.d4C, a.ln2[l], p.fcw[l], acc=acc)
+            ops.layernorm_backward(dres, g.ln2w[l], g.ln2b[l], a.dC, a.residual2[l], p.ln2w[l],
+                                   a.ln2_mean[l], a.ln2_rstd[l], a.ln_scratch, acc=acc)
+            # attention branch: d(attproj) = dres again
+            ops.matmul_backward(a.dC, g.attprojw[l], g.attprojb[l], dres, a.atty[l], p.attprojw[l], acc=acc)
+            ops.attention_backward(a.dqkv.reshape(B, T, 3 * C), a.dC.reshape(B, T, C),
+                                   a.qkv[l].reshape(B, T, 3 * C), a.att[l], a.datt, NH)
+            ops.matmul_backward(a.dC, g.qkvw[l], g.qkvb[l], a.dqkv, a.ln1[l], p.qkvw[l], acc=acc)
+            ops.layernorm_backward(dres, g.ln1w[l], g.ln1b[l], a.dC, x, p.ln1w[l],
+                                   a.ln1_mean[l], a.ln1_rstd[l], a.ln_scratch, acc=acc)
+        ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=acc)
+        self._grads_fresh = False
+        self._have_forward = False   # the logits are now dlogits
+
+    # ------------------------------------------------------------------ HF names
+
+    def state_dict(self) -> dict:
+        """Parameters as NumPy arrays, Hugging Face GPT-2 names and layouts."""
+        return to_hf(self.params, self.config, self.ops)
+
+    def grads_dict(self) -> dict:
+        """Gradients as NumPy arrays, same names and layouts as state_dict()."""
+        if self.grads is None:
+            raise LlmpyError("grads_dict() needs a backward() first")
+        return to_hf(self.grads, self.config, self.ops)
+
+    def load_state_dict(self, sd: dict, source: str = "state dict"):
+        """Copy Hugging Face-named tensors in (see from_hf)."""
+        host = from_hf(sd, self.config, source)
+        self.params.flat[:] = self.xp.asarray(host.flat)
+
+    def save(self, path, format: str = "hf"):
+        from . import checkpoint
+        checkpoint.save_model(self, path, format=format)
+
+
+# ---------------------------------------------------------------------- HF layout
+# HF's GPT-2 uses Conv1D layers that store W^T (in, out); we store W (out, in).
+
+def _hf_names(cfg: GPTConfig):
+    """(hf name, our tensor, layer or None, transposed?) for every tensor."""
+    out = [("transformer.wte.weight", "wte", None, False),
+           ("transformer.wpe.weight", "wpe", None, False)]
+    for l in range(cfg.n_layer):
+        h = f"transformer.h.{l}."
+        out += [(h + "ln_1.weight", "ln1w", l, False), (h + "ln_1.bias", "ln1b", l, False),
+                (h + "attn.c_attn.weight", "qkvw", l, True), (h + "attn.c_attn.bias", "qkvb", l, False),
+                (h + "attn.c_proj.weight", "attprojw", l, True), (h + "attn.c_proj.bias", "attprojb", l, False),
+                (h + "ln_2.weight", "ln2w", l, False), (h + "ln_2.bias", "ln2b", l, False),
+                (h + "mlp.c_fc.weight", "fcw", l, True), (h + "mlp.c_fc.bias", "fcb", l, False),
+                (h + "mlp.c_proj.weight", "fcprojw", l, True), (h + "mlp.c_proj.bias", "fcprojb", l, False)]
+    out += [("transformer.ln_f.weight", "lnfw", None, False), ("transformer.ln_f.bias", "lnfb", None, False)]
+    return out
+
+
+def to_hf(tensors: FlatTensors, cfg: GPTConfig, ops) -> dict:
+    flat = tensors.flat if ops.xp is np else ops.xp.asnumpy(tensors.flat)
+    host = FlatTensors(list(tensors.shapes.items()), np, flat=np.asarray(flat, dtype=np.float32))
+    sd = {}
+    for hf, ours, layer, transposed in _hf_names(cfg):
+        t = host.views[ours] if layer is None else host.views[ours][layer]
+        if ours == "wte":
+            t = t[:cfg.vocab_size]
+        sd[hf] = np.ascontiguousarray(t.T if transposed else t)
+    return sd
+
+
+def from_hf(sd: dict, cfg: GPTConfig, source: str = "state dict") -> FlatTensors:
+    """Hugging Face-named tensors -> a host FlatTensors. Accepts names with or
+    without the `transformer.` prefix; ignores HF's non-parameter buffers
+    (attn.bias, attn.masked_bias) and the tied lm_head.weight."""
+    sd = {(k if k.startswith("transformer.") or k.startswith("lm_head") else "transformer." + k): v
+          for k, v in sd.items()}
+    host = FlatTensors(parameter_shapes(cfg), np)
+    for hf, ours, layer, transposed in _hf_names(cfg):
+        if hf not in sd:
+            raise LlmpyError(f"{source}: missing tensor {hf!r}; is this a GPT-2 checkpoint of this shape?")
+        t = np.asarray(sd[hf])
+        dst = host.views[ours] if layer is None else host.views[ours][layer]
+        if ours == "wte":
+            dst = dst[:cfg.vocab_size]
+        want = dst.T.shape if transposed else dst.shape
+        if tuple(t.shape) != tuple(want):
+            raise LlmpyError(f"{source}: tensor {hf!r} has shape {tuple(t.shape)}, expected {tuple(want)} "
+                             "for this config")
+        dst[...] = t.T if transposed else t
+    return host

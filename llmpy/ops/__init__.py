@@ -1,0 +1,22 @@
+"""Backends: each implements the op contract of DESIGN.md section 2.
+
+`cpu` is NumPy (the fp32 reference); `cuda` is hand-written CUDA kernels plus
+cuBLASLt, imported only when asked for, so a CPU machine never needs CuPy.
+"""
+from __future__ import annotations
+
+from ..errors import LlmpyError
+
+
+def get_backend(device: str):
+    if device == "cpu":
+        from . import cpu
+        return cpu
+    if device == "cuda":
+        try:
+            from . import cuda  # noqa: F401  (not written yet on CPU-only sessions)
+        except ImportError as e:
+            raise LlmpyError(f"--device cuda is unavailable: {e}; install the GPU extra "
+                             "(pip install 'llmpy[cuda]') on a machine with an NVIDIA GPU") from None
+        return cuda
+    raise LlmpyError(f"unknown device {device!r}; use 'cpu' or 'cuda'")

@@ -1,0 +1,279 @@
+"""NumPy kernels: forward and backward of every GPT-2 layer (the fp32 reference).
+
+Out-parameter style, as in llm.c: every function writes into arrays it is given
+and allocates nothing large, so a training step reuses the same memory.
+
+Gradient conventions (they matter for speed, see model.py):
+- parameter gradients (dweight, dbias, dwte, ...) are overwritten when
+  `acc=False` and added to when `acc=True` (gradient accumulation);
+- activation gradients are overwritten (`dinp = ...`), except layernorm's,
+  which adds into the residual stream's gradient (`dinp += ...`), because the
+  residual connection sends the same gradient down two paths that meet there.
+
+Shapes: B batch, T time, C channels, NH heads, hs = C // NH, V vocabulary,
+N = B * T rows. Row-major, activations as (N, C) where that is simpler.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+name = "cpu"
+xp = np                     # the array module of this backend
+LN_EPS = 1e-5               # GPT-2's layer_norm_epsilon
+GELU_S = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
+
+
+# ----------------------------------------------------------------------------
+# encoder: out[b, t] = wte[ids[b, t]] + wpe[t]
+
+def encoder_forward(out, ids, wte, wpe):
+    # out (B, T, C), ids (B, T) int, wte (Vp, C), wpe (maxT, C)
+    T = ids.shape[1]
+    np.take(wte, ids, axis=0, out=out)
+    out += wpe[:T]
+
+
+def encoder_backward(dwte, dwpe, dout, ids, acc=True):
+    # wte rows were gathered, so their gradient scatters back (a token seen twice
+    # gets both contributions); wpe[t] was broadcast over the batch, so it sums.
+    B, T, C = dout.shape
+    np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))
+    if acc:
+        dwpe[:T] += dout.sum(axis=0)
+    else:
+        np.sum(dout, axis=0, out=dwpe[:T])
+        dwpe[T:] = 0
+
+
+# ----------------------------------------------------------------------------
+# layernorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps)
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias):
+    # out, inp (N, C); mean, rstd (N,); weight, bias (C,)
+    C = inp.shape[-1]
+    np.mean(inp, axis=-1, out=mean)
+    np.subtract(inp, mean[:, None], out=out)            # out holds x - mean
+    var = np.einsum("ij,ij->i", out, out) / C
+    np.sqrt(var + LN_EPS, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    out *= rstd[:, None]
+    out *= weight
+    out += bias
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, acc=True):
+    # With xhat = (x - mean) * rstd and g = dout * w (the gradient wrt xhat):
+    #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    # (mean and rstd depend on every x of the row: the two subtracted terms).
+    # dinp is ADDED to (the residual stream's gradient); scratch is (2, N, C).
+    C = inp.shape[-1]
+    xhat, g = scratch[0], scratch[1]
+    np.subtract(inp, mean[:, None], out=xhat)
+    xhat *= rstd[:, None]
+    if acc:
+        dbias += dout.sum(axis=0)
+        dweight += np.einsum("ij,ij->j", dout, xhat)
+    else:
+        np.sum(dout, axis=0, out=dbias)
+        dweight[...] = np.einsum("ij,ij->j", dout, xhat)
+    np.multiply(dout, weight, out=g)
+    g_mean = g.mean(axis=-1)
+    gx_mean = np.einsum("ij,ij->i", g, xhat) / C
+    g -= g_mean[:, None]
+    xhat *= gx_mean[:, None]
+    g -= xhat
+    g *= rstd[:, None]
+    dinp += g
+
+
+# ----------------------------------------------------------------------------
+# matmul: out = inp @ W^T + b, W stored (OC, C) as in llm.c (HF stores W^T)
+
+def matmul_forward(out, inp, weight, bias):
+    # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None
+    np.matmul(inp, weight.T, out=out)
+    if bias is not None:
+        out += bias
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True):
+    # dinp = dout @ W (N, C);  dW = dout^T @ inp (OC, C);  db = sum_n dout (OC,)
+    if dinp is not None:
+        np.matmul(dout, weight, out=dinp)
+    if acc:
+        dweight += dout.T @ inp
+        if dbias is not None:
+            dbias += dout.sum(axis=0)
+    else:
+        np.matmul(dout.T, inp, out=dweight)
+        if dbias is not None:
+            np.sum(dout, axis=0, out=dbias)
+
+
+# ----------------------------------------------------------------------------
+# attention: causal multi-head self-attention from the fused qkv projection
+
+def _split_heads(x, B, T, NH):
+    # (B, T, 3C) -> three (B, NH, T, hs) views (no copy: BLAS takes the strides)
+    hs = x.shape[-1] // (3 * NH)
+    x = x.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
+def attention_forward(out, att, qkv, n_head):
+    # out (B, T, C); att (B, NH, T, T) keeps the softmax probabilities for the
+    # backward pass; qkv (B, T, 3C).
+    #   att = softmax(q k^T / sqrt(hs) + causal mask),  out = att v
+    B, T, C3 = qkv.shape
+    q, k, v = _split_heads(qkv, B, T, n_head)
+    hs = C3 // (3 * n_head)
+    np.matmul(q, k.swapaxes(-1, -2), out=att)
+    att *= 1.0 / math.sqrt(hs)
+    att[..., _upper_triangle(T)] = -np.inf             # token t sees only s <= t
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    y = out.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    np.matmul(att, v, out=y)
+
+
+def attention_backward(dqkv, dout, qkv, att, datt, n_head):
+    # dqkv (B, T, 3C) overwritten; dout (B, T, C); att (B, NH, T, T) from the
+    # forward pass; datt is scratch of att's shape.
+    #   dv = att^T dy,  datt = dy v^T,
+    #   softmax: dpre = att * (datt - sum_s(datt * att))   (row-wise)
+    #   pre = q k^T * scale:  dq = dpre k * scale,  dk = dpre^T q * scale
+    # Masked entries have att = 0, so their dpre is 0: the mask needs no care.
+    B, T, C3 = qkv.shape
+    hs = C3 // (3 * n_head)
+    q, k, v = _split_heads(qkv, B, T, n_head)
+    dq, dk, dv = _split_heads(dqkv, B, T, n_head)
+    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
+    np.matmul(dy, v.swapaxes(-1, -2), out=datt)
+    rowdot = np.einsum("bhts,bhts->bht", datt, att)
+    datt -= rowdot[..., None]
+    datt *= att
+    datt *= 1.0 / math.sqrt(hs)
+    np.matmul(datt, k, out=dq)
+    np.matmul(datt.swapaxes(-1, -2), q, out=dk)
+
+
+_MASKS: dict[int, np.ndarray] = {}
+
+
+def _upper_triangle(T):
+    if T not in _MASKS:
+        _MASKS[T] = np.triu(np.ones((T, T), dtype=bool), k=1)
+    return _MASKS[T]
+
+
+# ----------------------------------------------------------------------------
+# gelu, tanh form: y = 0.5 x (1 + tanh(u)),  u = s (x + a x^3),  s = sqrt(2/pi)
+
+def gelu_forward(out, inp):
+    u = np.multiply(inp, inp, out=out)
+    u *= GELU_A
+    u += 1.0
+    u *= inp
+    u *= GELU_S                                         # u = s (x + a x^3)
+    np.tanh(u, out=u)
+    u += 1.0
+    u *= inp
+    u *= 0.5
+
+
+def gelu_backward(dinp, inp, dout, scratch):
+    # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 a x^2)
+    # dinp may be the same array as dout; scratch has inp's shape.
+    t = np.multiply(inp, inp, out=scratch)               # x^2
+    du = GELU_S * (1.0 + 3.0 * GELU_A * t)               # du/dx
+    t *= GELU_A
+    t += 1.0
+    t *= inp
+    t *= GELU_S
+    np.tanh(t, out=t)                                    # tanh u
+    du *= 1.0 - t * t
+    du *= inp
+    t += 1.0
+    du += t
+    du *= 0.5
+    np.multiply(dout, du, out=dinp)
+
+
+# ----------------------------------------------------------------------------
+# residual: out = a + b (its backward passes the gradient to both unchanged)
+
+def residual_forward(out, a, b):
+    np.add(a, b, out=out)
+
+
+# ----------------------------------------------------------------------------
+# fused classifier: softmax + cross-entropy, and its gradient written in place
+#   loss_n = logsumexp(logits_n) - logits_n[y_n]
+#   dloss_n / dlogits_n = softmax(logits_n) - onehot(y_n)
+
+_ROWS = 8   # rows per chunk: 8 x 50257 floats stay in L2 while we exp them
+
+
+def crossentropy_forward(losses, lse, logits, targets):
+    # losses, lse (N,); logits (N, V); targets (N,) int
+    N, V = logits.shape
+    for i in range(0, N, _ROWS):
+        rows = logits[i:i + _ROWS]
+        m = rows.max(axis=1)
+        s = np.exp(rows - m[:, None]).sum(axis=1)
+        lse[i:i + _ROWS] = m + np.log(s)
+    losses[:] = lse - logits[np.arange(N), targets]
+
+
+def crossentropy_backward(logits, lse, targets, dloss):
+    # In place: logits (N, V) become dlogits = (softmax - onehot) * dloss, with
+    # dloss the gradient of the final loss wrt each token's loss (a scalar:
+    # 1 / (N * accumulation steps) for a mean).
+    N, V = logits.shape
+    for i in range(0, N, _ROWS):
+        rows = logits[i:i + _ROWS]
+        rows -= lse[i:i + _ROWS, None]
+        np.exp(rows, out=rows)
+    logits[np.arange(N), targets] -= 1.0
+    logits *= dloss
+
+
+# ----------------------------------------------------------------------------
+# optimizer pieces (see optim.py)
+
+def sum_of_squares(x):
+    x = x.reshape(-1)
+    return float(np.dot(x, x))
+
+
+def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch):
+    """One AdamW step on a flat chunk, in place (decoupled weight decay):
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        p -= lr * (mhat / (sqrt(vhat) + eps) + wd p),  mhat = m / (1 - b1^t), ...
+    scratch: a float32 array at least as long as the chunk.
+    """
+    n = param.shape[0]
+    tmp = scratch[:n]
+    m *= beta1
+    np.multiply(grad, 1.0 - beta1, out=tmp)
+    m += tmp
+    v *= beta2
+    np.multiply(grad, grad, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp
+    # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps) = (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    np.sqrt(v, out=tmp)
+    tmp *= 1.0 / math.sqrt(bc2)
+    tmp += eps
+    np.divide(m, tmp, out=tmp)
+    if weight_decay:
+        param *= 1.0 - lr * weight_decay
+    tmp *= lr / bc1
+    param -= tmp
