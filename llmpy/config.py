@@ -55,3 +55,37 @@ def preset(name: str, **overrides) -> GPTConfig:
         raise LlmpyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
     n_layer, n_head, n_embd = _SHAPES[key]
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+
+@dataclass
+class TrainConfig:
+    """Every `llmpy train` flag, in one place (the CLI maps onto this 1:1)."""
+    data: str | None = None             # glob of train shards; None: the embedded pydoc corpus
+    val_data: str | None = None         # glob of val shards; None: pydoc's val split (with default data)
+    model: str = "d4"                   # preset name or a model directory to start from
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch_size: int = 8                 # B: sequences per micro-step
+    seq_len: int = 128                  # T
+    total_batch_size: int | None = None  # tokens per optimizer step; None: B * T (no accumulation)
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    steps: int = 400                    # total optimizer steps
+    stop_at: int | None = None          # stop (with a checkpoint) after this step; resume later
+    val_every: int = 50
+    val_steps: int = 10                 # val batches per evaluation
+    sample_every: int = 200
+    sample_tokens: int = 48
+    checkpoint_every: int = 200
+    keep: int = 2                       # keep the newest N checkpoints (0: all)
+    out: str = "out"
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True               # progress bar (off: one line per val/sample)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

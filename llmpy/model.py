@@ -115,7 +115,8 @@ class GPT:
         self.params = FlatTensors(parameter_shapes(config), self.xp)
         self.grads = None          # allocated by the first backward()
         self._grads_fresh = True   # True: the next backward overwrites instead of adding
-        self.acts = None
+        self.acts = None           # activations of the last forward()
+        self._acts_by_shape = {}   # (B, T) -> Activations; at most two kept (train + sample)
         self._have_forward = False
         if init:
             self._init_weights(seed)
@@ -153,9 +154,13 @@ class GPT:
     # ------------------------------------------------------------------ forward
 
     def _activations(self, B, T):
-        if self.acts is None or (self.acts.B, self.acts.T) != (B, T):
-            self.acts = None  # free the old set before allocating the new one
-            self.acts = Activations(self.config, B, T, self.xp)
+        if (B, T) not in self._acts_by_shape:
+            if len(self._acts_by_shape) >= 2:
+                # free the least recently used set before allocating the new one
+                self._acts_by_shape.pop(next(iter(self._acts_by_shape)))
+            self._acts_by_shape[(B, T)] = Activations(self.config, B, T, self.xp)
+        self.acts = self._acts_by_shape.pop((B, T))
+        self._acts_by_shape[(B, T)] = self.acts   # most recently used goes last
         return self.acts
 
     def forward(self, ids, targets=None):

@@ -1,0 +1,141 @@
+"""The `llmpy` command: prepare, train, sample, eval, bench.
+
+Errors that are the user's to fix (LlmpyError) print as one line and exit
+with code 2; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import PRESETS, TrainConfig
+from .errors import LlmpyError
+
+
+def _train_parser(sub):
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a GPT-2 model (no flags: a small model on the embedded pydoc corpus)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=d.data, help="glob of train shards (default: the embedded pydoc corpus)")
+    p.add_argument("--val-data", default=d.val_data, help="glob of val shards")
+    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or a model directory")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"])
+    p.add_argument("--batch-size", "-B", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", "-T", type=int, default=d.seq_len)
+    p.add_argument("--total-batch-size", type=int, default=d.total_batch_size,
+                   help="tokens per optimizer step (gradient accumulation); default B*T")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "linear", "constant"])
+    p.add_argument("--min-lr-frac", type=float, default=d.min_lr_frac)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    p.add_argument("--stop-at", type=int, default=d.stop_at,
+                   help="stop after this step with a checkpoint (continue later with --resume)")
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--val-steps", type=int, default=d.val_steps)
+    p.add_argument("--sample-every", type=int, default=d.sample_every)
+    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep", type=int, default=d.keep, help="keep the newest N checkpoints (0: all)")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmpy", description="GPT-2 training in plain Python and hand-written kernels")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="turn a corpus into token shards")
+    p.add_argument("name", help="pydoc (embedded, no network)")
+    p.add_argument("--out", default=None, help="output directory (default data/NAME)")
+
+    _train_parser(sub)
+
+    p = sub.add_parser("sample", help="generate text from a model directory")
+    p.add_argument("ckpt")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    p = sub.add_parser("eval", help="validation loss of a model directory")
+    p.add_argument("ckpt")
+    p.add_argument("--data", required=True, help="glob of val shards")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("-B", "--batch-size", type=int, default=4)
+    p.add_argument("-T", "--seq-len", type=int, default=None, help="default: the model's block size")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    p = sub.add_parser("bench", help="time a full training step (optionally against PyTorch)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="d12")
+    p.add_argument("-B", "--batch-size", type=int, default=4)
+    p.add_argument("-T", "--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=7, help="timed steps (after warm-up)")
+    p.add_argument("--compare", choices=["torch"], default=None)
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    try:
+        return _run(args) or 0
+    except LlmpyError as e:
+        if args.debug:
+            raise
+        print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llmpy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args):
+    if args.command == "prepare":
+        from .data.prepare import prepare
+        info = prepare(args.name, args.out)
+        print(json.dumps({k: str(v) for k, v in info.items()}))
+    elif args.command == "train":
+        from .train import train
+        fields = TrainConfig.__dataclass_fields__
+        tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        train(tc)
+    elif args.command == "sample":
+        from . import load
+        from .data.tokenizer import Tokenizer
+        from .sample import generate
+        model = load(args.ckpt, device=args.device)
+        tok = Tokenizer()
+        prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
+        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, tok.eot)
+        print(args.prompt + tok.decode(ids))
+    elif args.command == "eval":
+        from . import load
+        from .data.shards import DataLoader
+        from .train import evaluate
+        model = load(args.ckpt, device=args.device)
+        T = args.seq_len or model.config.block_size
+        loss = evaluate(model, DataLoader(args.data, args.batch_size, T, shuffle=False), args.steps)
+        import math
+        res = {"val_loss": loss, "perplexity": math.exp(loss), "batches": args.steps, "B": args.batch_size, "T": T}
+        print(json.dumps(res) if args.json else f"val loss {loss:.4f}  perplexity {math.exp(loss):.2f}")
+    elif args.command == "bench":
+        from .bench import bench, print_table
+        res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare)
+        print(json.dumps(res) if args.json else print_table(res))
