@@ -56,7 +56,7 @@ def _time_steps(step, warmup: int, steps: int) -> list[float]:
 
 def bench_llmpy(cfg, device, B, T, steps):
     from .model import GPT
-    from .optim import AdamW, clip_grad_norm
+    from .optim import AdamW, clip_scale, global_norm
     model = GPT(cfg, device=device, seed=0)
     opt = AdamW(model, lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
@@ -68,8 +68,7 @@ def bench_llmpy(cfg, device, B, T, steps):
         model.zero_grad()
         model.forward(x, y)
         model.backward()
-        clip_grad_norm(model, 1.0)
-        opt.step()
+        opt.step(grad_scale=clip_scale(global_norm(model), 1.0))
     return _time_steps(step, 2, steps)
 
 

@@ -46,10 +46,12 @@ class AdamW:
             threads = _num_threads()
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and xp is np else None
-        self._scratch = [np.empty(CHUNK, dtype=np.float32) for _ in range(self.threads)]
+        self._scratch = [np.empty((2, CHUNK), dtype=np.float32) for _ in range(self.threads)]
 
-    def step(self, lr=None):
-        """One update of model.params from model.grads, in place."""
+    def step(self, lr=None, grad_scale: float = 1.0):
+        """One update of model.params from grad_scale * model.grads, in place.
+        (Gradient clipping passes its factor here instead of rescaling the
+        gradients in a separate pass over memory.)"""
         if self.model.grads is None:
             raise LlmpyError("AdamW.step() needs gradients: call model.backward() first")
         self.step_count += 1
@@ -61,7 +63,8 @@ class AdamW:
             scratch = self._scratch[i]
             for s, e, decay in self.chunks[i::self.threads]:
                 ops.adamw_update(p[s:e], g[s:e], self.m[s:e], self.v[s:e], lr, self.beta1, self.beta2,
-                                 self.eps, self.weight_decay if decay else 0.0, self.step_count, scratch)
+                                 self.eps, self.weight_decay if decay else 0.0, self.step_count, scratch,
+                                 grad_scale)
 
         if self._pool is None:
             work(0)
@@ -94,12 +97,22 @@ def global_norm(model) -> float:
     return math.sqrt(model.ops.sum_of_squares(model.grads.flat))
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Scale the gradients so their global norm is at most max_norm; returns the
-    norm before clipping (what gets logged)."""
-    norm = global_norm(model)
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor that brings a gradient of global norm `norm` down to at most
+    max_norm (1.0 when it is already within, or when clipping is off)."""
     if max_norm and max_norm > 0 and norm > max_norm:
-        model.grads.flat *= np.float32(max_norm / (norm + 1e-6))
+        return max_norm / (norm + 1e-6)
+    return 1.0
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Scale the gradients in place so their global norm is at most max_norm;
+    returns the norm before clipping. (The training loop instead hands
+    clip_scale() to AdamW.step, saving a pass over the gradients.)"""
+    norm = global_norm(model)
+    scale = clip_scale(norm, max_norm)
+    if scale != 1.0:
+        model.grads.flat *= np.float32(scale)
     return norm
 
 

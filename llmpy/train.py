@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import PRESETS, TrainConfig, preset
 from .errors import LlmpyError
 from .model import GPT
-from .optim import AdamW, clip_grad_norm, lr_at
+from .optim import AdamW, clip_scale, global_norm, lr_at
 
 
 def log(msg: str):
@@ -187,10 +187,10 @@ def train(tc: TrainConfig) -> dict:
                 loss += micro_loss / accum
             if not math.isfinite(loss):
                 raise LlmpyError(f"step {step}: the loss is {loss}; lower --lr or check the data")
-            norm = clip_grad_norm(model, tc.grad_clip)
+            norm = global_norm(model)
             if not math.isfinite(norm):
                 raise LlmpyError(f"step {step}: the gradient norm is {norm}; lower --lr or check the data")
-            optimizer.step(lr)
+            optimizer.step(lr, grad_scale=clip_scale(norm, tc.grad_clip))
             ms = (time.perf_counter() - t0) * 1000
             rec = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
                    "ms": round(ms, 2), "tokens_per_s": round(tokens_per_step / (ms / 1000), 1)}

@@ -251,19 +251,21 @@ def sum_of_squares(x):
     return float(np.dot(x, x))
 
 
-def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch):
-    """One AdamW step on a flat chunk, in place (decoupled weight decay):
+def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch, grad_scale=1.0):
+    """One AdamW step on a flat chunk, in place (decoupled weight decay), with
+    g = grad_scale * grad (gradient clipping folded in):
         m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
         p -= lr * (mhat / (sqrt(vhat) + eps) + wd p),  mhat = m / (1 - b1^t), ...
-    scratch: a float32 array at least as long as the chunk.
+    scratch: float32, shape (2, at least the chunk's length).
     """
     n = param.shape[0]
-    tmp = scratch[:n]
+    tmp = scratch[1, :n]
+    g = grad if grad_scale == 1.0 else np.multiply(grad, grad_scale, out=scratch[0, :n])
     m *= beta1
-    np.multiply(grad, 1.0 - beta1, out=tmp)
+    np.multiply(g, 1.0 - beta1, out=tmp)
     m += tmp
     v *= beta2
-    np.multiply(grad, grad, out=tmp)
+    np.multiply(g, g, out=tmp)
     tmp *= 1.0 - beta2
     v += tmp
     # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps) = (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
