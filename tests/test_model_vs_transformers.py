@@ -20,7 +20,7 @@ F = torch.nn.functional
 
 import llmpy  # noqa: E402
 from llmpy.errors import LlmpyError  # noqa: E402
-from llmpy.optim import AdamW, clip_grad_norm, global_norm, lr_at  # noqa: E402
+from llmpy.optim import AdamW, clip_grad_norm, clip_scale, global_norm, lr_at  # noqa: E402
 
 VOCAB = 100          # padded to 128 in llmpy: the padded rows must stay invisible
 BLOCK = 16
@@ -214,9 +214,10 @@ def test_zero_grad_discards_previous_gradients(rng):
 
 # ---------------------------------------------------------------------------- AdamW
 
-def test_adamw_ten_steps_match_torch(rng):
-    """10 steps of llmpy AdamW vs torch.optim.AdamW (decay 0.1 on 2-D weights, 0 on
-    biases/layernorms): the loss at every step and the final weights agree within 1e-4."""
+def _adamw_run_vs_torch(rng, steps, max_norm=None):
+    """Train an llmpy model and its HF twin side by side; with max_norm, clip as
+    train.py does (clip_scale folded into AdamW.step) and as torch does
+    (clip_grad_norm_ before the step). Returns both models and the lr."""
     lr, betas, eps, wd = 1e-3, (0.9, 0.95), 1e-8, 0.1
     model = make_llmpy(seed=7)
     hm = make_hf(model)
@@ -228,21 +229,33 @@ def test_adamw_ten_steps_match_torch(rng):
     hopt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=lr, betas=betas, eps=eps)
-    losses = []
-    for step in range(10):
+    losses, clipped = [], 0
+    for step in range(steps):
         ids, targets = batch(rng, 4, BLOCK)
         model.zero_grad()
         _, loss = model.forward(ids, targets)
         model.backward()
-        opt.step()
-
         hopt.zero_grad()
         _, hloss = hf_loss(hm, ids, targets)
         hloss.backward()
+        if max_norm is None:
+            opt.step()
+        else:
+            norm = global_norm(model)
+            hnorm = torch.nn.utils.clip_grad_norm_(hm.parameters(), max_norm).item()
+            assert norm == pytest.approx(hnorm, rel=1e-5)
+            clipped += norm > max_norm
+            opt.step(grad_scale=clip_scale(norm, max_norm))
         hopt.step()
-        losses.append((loss, hloss.item()))
+        losses.append(hloss.item())
         assert abs(loss - hloss.item()) / abs(hloss.item()) < STEP_RTOL, f"step {step}: {loss} vs {hloss.item()}"
-    assert losses[-1][1] < losses[0][1]     # the reference actually trained
+    assert losses[-1] < losses[0]           # the reference actually trained
+    if max_norm is not None:
+        assert clipped >= steps // 2        # the clipping path was exercised
+    return model, hm, lr
+
+
+def _assert_same_weights(model, hm, lr, steps):
     sd = model.state_dict()
     hsd = {k: v.numpy() for k, v in hm.state_dict().items() if k in sd}
     assert set(hsd) == set(sd)
@@ -251,18 +264,32 @@ def test_adamw_ten_steps_match_torch(rng):
     # q.b, which the softmax ignores); in float32 it is rounding noise (~1e-8,
     # the size of eps), which Adam normalizes into O(lr) steps of random sign
     # that no two implementations share. Those entries are compared apart: both
-    # gradients must be noise, and the weights within the 10 * lr Adam can move them.
+    # gradients must be noise, and the weights within the steps * lr Adam can move them.
     C = model.config.n_embd
     for l in range(model.config.n_layer):
         name = f"transformer.h.{l}.attn.c_attn.bias"
         g = hm.get_parameter(name).grad.numpy()
         assert np.linalg.norm(g[C:2 * C]) < 1e-5 * np.linalg.norm(g[:C]), "key-bias gradient is not ~0"
-        assert np.max(np.abs(sd[name][C:2 * C] - hsd[name][C:2 * C])) < 2 * 10 * lr
+        assert np.max(np.abs(sd[name][C:2 * C] - hsd[name][C:2 * C])) < 2 * steps * lr
         sd[name] = np.concatenate([sd[name][:C], sd[name][2 * C:]])
         hsd[name] = np.concatenate([hsd[name][:C], hsd[name][2 * C:]])
     errs = {k: rel_err(sd[k], hsd[k]) for k in sd}
     bad = {k: v for k, v in errs.items() if not v < STEP_RTOL}
-    assert not bad, f"weights after 10 steps off: {bad}"
+    assert not bad, f"weights after {steps} steps off: {bad}"
+
+
+def test_adamw_ten_steps_match_torch(rng):
+    """10 steps of llmpy AdamW vs torch.optim.AdamW (decay 0.1 on 2-D weights, 0 on
+    biases/layernorms): the loss at every step and the final weights agree within 1e-4."""
+    model, hm, lr = _adamw_run_vs_torch(rng, 10)
+    _assert_same_weights(model, hm, lr, 10)
+
+
+def test_adamw_with_folded_clipping_matches_torch(rng):
+    """train.py's clipping (AdamW.step(grad_scale=clip_scale(norm, max_norm)))
+    equals torch's clip_grad_norm_ followed by AdamW.step, over 6 steps that clip."""
+    model, hm, lr = _adamw_run_vs_torch(rng, 6, max_norm=0.5)
+    _assert_same_weights(model, hm, lr, 6)
 
 
 # ---------------------------------------------------------------------------- checkpoints
