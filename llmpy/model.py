@@ -266,7 +266,11 @@ class GPT:
             ops.matmul_backward(a.dC, g.qkvw[l], g.qkvb[l], a.dqkv, a.ln1[l], p.qkvw[l], acc=acc)
             ops.layernorm_backward(dres, g.ln1w[l], g.ln1b[l], a.dC, x, p.ln1w[l],
                                    a.ln1_mean[l], a.ln1_rstd[l], a.ln_scratch, acc=acc)
-        ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=acc)
+        # dwte already holds the LM head's gradient (tied weights): the encoder
+        # adds its part to it, so wpe's gradient is cleared here instead.
+        if not acc:
+            g.wpe[...] = 0
+        ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=True)
         self._grads_fresh = False
         self._have_forward = False   # the logits are now dlogits
 

@@ -395,11 +395,6 @@ def test_encoder_backward_acc_false_overwrites_dwpe(rng, enc_inputs):
     np.testing.assert_allclose(dwpe, ref_pe, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cpu.encoder_backward scatter-ADDS into dwte even with acc=False, while the "
-    "module docstring says parameter gradients incl. dwte are overwritten when "
-    "acc=False. model.py relies on the add (the tied LM head writes dwte first). "
-    "Reported; once the op or its documented contract is settled, update this test."))
 def test_encoder_backward_acc_false_overwrites_dwte(rng, enc_inputs):
     """Per the documented contract, acc=False overwrites dwte whatever it held."""
     ids, wte, wpe = enc_inputs

@@ -40,6 +40,8 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True):
     # wte rows were gathered, so their gradient scatters back (a token seen twice
     # gets both contributions); wpe[t] was broadcast over the batch, so it sums.
     B, T, C = dout.shape
+    if not acc:
+        dwte[...] = 0
     np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))
     if acc:
         dwpe[:T] += dout.sum(axis=0)
