@@ -2,7 +2,7 @@
 
 AdamW makes about ten passes over every parameter. Done naively on 124M
 floats each pass streams 500 MB through memory; done in chunks that fit in the
-L2 cache, all ten passes over a chunk run from cache and memory is touched
+cache, all ten passes over a chunk run from cache and memory is touched
 once. The chunks are shared between two threads (NumPy releases the GIL).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from .errors import LlmpyError
 from .model import DECAYED
 
-CHUNK = 1 << 15          # 32K floats = 128 KB per array: p, g, m, v, tmp fit in L2
+CHUNK = 1 << 17          # 128K floats = 512 KB per array (measured best: fewer Python calls, still cache-resident)
 
 
 class AdamW:

@@ -256,28 +256,29 @@ def sum_of_squares(x):
 def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch, grad_scale=1.0):
     """One AdamW step on a flat chunk, in place (decoupled weight decay), with
     g = grad_scale * grad (gradient clipping folded in):
-        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
-        p -= lr * (mhat / (sqrt(vhat) + eps) + wd p),  mhat = m / (1 - b1^t), ...
+        m += (1 - b1) (g - m);   v += (1 - b2) (g^2 - v)
+        p -= lr * (wd p + mhat / (sqrt(vhat) + eps)),  mhat = m / bc1, vhat = v / bc2
+    with bc_i = 1 - b_i^step. The last line is computed as
+        p -= (lr sqrt(bc2) / bc1) * m / (sqrt(v) + eps sqrt(bc2))
+    which is the same number with one pass fewer over the chunk.
     scratch: float32, shape (2, at least the chunk's length).
     """
     n = param.shape[0]
     tmp = scratch[1, :n]
     g = grad if grad_scale == 1.0 else np.multiply(grad, grad_scale, out=scratch[0, :n])
-    m *= beta1
-    np.multiply(g, 1.0 - beta1, out=tmp)
+    np.subtract(g, m, out=tmp)
+    tmp *= 1.0 - beta1
     m += tmp
-    v *= beta2
     np.multiply(g, g, out=tmp)
+    tmp -= v
     tmp *= 1.0 - beta2
     v += tmp
-    # p -= lr * (m / bc1) / (sqrt(v / bc2) + eps) = (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
     bc1 = 1.0 - beta1 ** step
-    bc2 = 1.0 - beta2 ** step
+    sqrt_bc2 = math.sqrt(1.0 - beta2 ** step)
     np.sqrt(v, out=tmp)
-    tmp *= 1.0 / math.sqrt(bc2)
-    tmp += eps
+    tmp += eps * sqrt_bc2
     np.divide(m, tmp, out=tmp)
     if weight_decay:
         param *= 1.0 - lr * weight_decay
-    tmp *= lr / bc1
+    tmp *= lr * sqrt_bc2 / bc1
     param -= tmp
