@@ -274,6 +274,80 @@ class GPT:
         self._grads_fresh = False
         self._have_forward = False   # the logits are now dlogits
 
+    # ------------------------------------------------------------------ KV cache
+    # Incremental decoding (inference only; see KVCache below). Nothing here
+    # touches the training activations: forward() and backward() are unchanged.
+
+    def new_kv_cache(self, B: int = 1, max_T: int | None = None) -> "KVCache":
+        """An empty KV cache for B sequences of up to max_T (<= block_size) positions."""
+        max_T = self.config.block_size if max_T is None else max_T
+        if not 0 < max_T <= self.config.block_size:
+            raise LlmpyError(f"KV cache length {max_T} must be in [1, block_size={self.config.block_size}]")
+        return KVCache(self.config, B, max_T, self.xp)
+
+    def forward_cached(self, ids, cache: "KVCache", all_logits: bool = False):
+        """Logits of t new tokens at positions [cache.pos, cache.pos + t).
+
+        ids (B, t) ints. Their keys and values are appended to `cache`, and
+        attention looks at every cached position before them, so a prompt fed
+        in one call (the "prefill") and then one token per call gives the same
+        logits as forward() on the whole sequence. Returns a new array: the
+        logits of the last new position (B, V), or of all of them (B, t, V).
+        """
+        ops, cfg, p, xp = self.ops, self.config, self.params, self.xp
+        if not hasattr(ops, "attention_forward_cached"):
+            raise LlmpyError(f"the {ops.name} backend has no cached attention; use generate(..., use_cache=False)")
+        ids = self._check_ids(ids, "ids")
+        B, t = ids.shape
+        pos = cache.pos
+        if B != cache.B:
+            raise LlmpyError(f"ids have batch {B} but the KV cache was made for batch {cache.B}")
+        if pos + t > cache.max_T:
+            raise LlmpyError(f"KV cache holds {cache.max_T} positions, {pos} used: no room for {t} more; "
+                             "start a new cache with the last block_size tokens")
+        C, NH = cfg.n_embd, cfg.n_head
+        hs, N = C // NH, B * t
+        f32 = np.float32
+
+        x = xp.empty((B, t, C), dtype=f32)
+        xp.take(p.wte, ids, axis=0, out=x)
+        x += p.wpe[pos:pos + t]                          # absolute positions of the new tokens
+        x = x.reshape(N, C)
+        ln = xp.empty((N, C), dtype=f32)
+        mean, rstd = xp.empty(N, dtype=f32), xp.empty(N, dtype=f32)
+        qkv = xp.empty((N, 3 * C), dtype=f32)
+        y = xp.empty((B, NH, t, hs), dtype=f32)
+        branch = xp.empty((N, C), dtype=f32)
+        h = xp.empty((N, 4 * C), dtype=f32)
+        hg = xp.empty((N, 4 * C), dtype=f32)
+        for l in range(cfg.n_layer):
+            ops.layernorm_forward(ln, mean, rstd, x, p.ln1w[l], p.ln1b[l])
+            ops.matmul_forward(qkv, ln, p.qkvw[l], p.qkvb[l])
+            # (N, 3C) -> q, k, v each (B, NH, t, hs); k and v go into the cache
+            q, k, v = qkv.reshape(B, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+            cache.k[l, :, :, pos:pos + t] = k
+            cache.v[l, :, :, pos:pos + t] = v
+            ops.attention_forward_cached(y, q, cache.k[l, :, :, :pos + t], cache.v[l, :, :, :pos + t], pos)
+            atty = xp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(N, C)
+            ops.matmul_forward(branch, atty, p.attprojw[l], p.attprojb[l])
+            x = x + branch                               # residual (a new array: x may be a view)
+            ops.layernorm_forward(ln, mean, rstd, x, p.ln2w[l], p.ln2b[l])
+            ops.matmul_forward(h, ln, p.fcw[l], p.fcb[l])
+            ops.gelu_forward(hg, h)
+            ops.matmul_forward(branch, hg, p.fcprojw[l], p.fcprojb[l])
+            x += branch                                  # residual
+        cache.pos = pos + t
+
+        # Only the rows we return go through the final layernorm and the LM head
+        # (the head is the largest matmul: V x C per row).
+        rows = x if all_logits else xp.ascontiguousarray(x.reshape(B, t, C)[:, -1])
+        n = rows.shape[0]
+        lnf = xp.empty((n, C), dtype=f32)
+        ops.layernorm_forward(lnf, xp.empty(n, dtype=f32), xp.empty(n, dtype=f32), rows, p.lnfw, p.lnfb)
+        logits = xp.empty((n, cfg.vocab_size), dtype=f32)
+        ops.matmul_forward(logits, lnf, p.wte[:cfg.vocab_size], None)
+        return logits.reshape(B, t, cfg.vocab_size) if all_logits else logits
+
     # ------------------------------------------------------------------ HF names
 
     def state_dict(self) -> dict:
@@ -294,6 +368,34 @@ class GPT:
     def save(self, path, format: str = "hf"):
         from . import checkpoint
         checkpoint.save_model(self, path, format=format)
+
+
+# ---------------------------------------------------------------------- KV cache
+# Why a cache: to sample token n+1, forward() recomputes all n positions, but
+# with causal attention the keys and values of positions < n never change once
+# computed (position s only sees positions <= s). Keeping them per layer turns
+# each new token into O(n) attention work plus one row of every matmul, instead
+# of n rows. Memory: 2 x L x B x NH x max_T x hs floats = 2 L B max_T C.
+#
+# The cache cannot slide. GPT-2's positions are absolute (wpe), so when the
+# context outgrows block_size and the window moves by one, every position in
+# it changes and so does every key and value: the cache must be refilled from
+# the window (sample.py does this).
+
+class KVCache:
+    """Keys and values of the positions seen so far: k, v (L, B, NH, max_T, hs)."""
+
+    def __init__(self, cfg: GPTConfig, B: int, max_T: int, xp):
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, B, cfg.n_head, max_T, hs)
+        self.k = xp.zeros(shape, dtype=np.float32)
+        self.v = xp.zeros(shape, dtype=np.float32)
+        self.B, self.max_T = B, max_T
+        self.pos = 0                 # positions filled: the next token's position
+
+    def reset(self):
+        """Forget everything (the arrays are reused)."""
+        self.pos = 0
 
 
 # ---------------------------------------------------------------------- HF layout

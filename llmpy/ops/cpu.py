@@ -282,3 +282,27 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, s
         param *= 1.0 - lr * weight_decay
     tmp *= lr * sqrt_bc2 / bc1
     param -= tmp
+
+
+# ----------------------------------------------------------------------------
+# cached attention (inference only): t new queries against every key so far
+#
+# Incremental decoding keeps each layer's keys and values of all earlier
+# positions (the KV cache, see model.py); a step then computes q, k, v for the
+# t new tokens only. New token i sits at absolute position pos + i and, as in
+# the causal mask of attention_forward, may look at positions 0 .. pos + i:
+#   att = softmax(q K^T / sqrt(hs) + mask),  out = att V
+# where K, V are the cache's first pos + t rows (the new k, v already written).
+
+def attention_forward_cached(out, q, k, v, pos):
+    # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); no backward is kept.
+    t, hs = q.shape[-2], q.shape[-1]
+    att = np.matmul(q, k.swapaxes(-1, -2))               # (B, NH, t, S)
+    att *= 1.0 / math.sqrt(hs)
+    if t > 1:
+        # query i may not see key s > pos + i: only the new block is masked
+        att[..., :, pos:] = np.where(_upper_triangle(t), -np.inf, att[..., :, pos:])
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    np.matmul(att, v, out=out)

@@ -1,0 +1,162 @@
+"""Sampling: the KV cache against full recomputation, and the sampling filters.
+
+The model is tiny and random, with weights scaled up from GPT-2's 0.02 init so
+that the next-token distribution is far from uniform and changes with the
+context: a cache that attended to the wrong positions would change the greedy
+tokens within a few steps.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import llmpy
+from llmpy.errors import LlmpyError
+from llmpy.sample import generate, next_token_probs, sample_next
+
+VOCAB = 100
+BLOCK = 32
+
+
+def make_model(seed=0, block=BLOCK, n_layer=2, n_head=4, n_embd=64):
+    cfg = llmpy.GPTConfig(block_size=block, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model = llmpy.GPT(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    C = n_embd
+    # wpe large (the prediction moves with the position) and the attention/MLP
+    # projections large (it depends on the context too): greedy decoding then
+    # wanders over many tokens instead of repeating the last one (the LM head
+    # is tied to wte, so a weak random model just copies its input).
+    for name, std in (("wte", 0.3), ("wpe", 1.0), ("qkvw", 1.0 / math.sqrt(C)), ("fcw", 1.0 / math.sqrt(C)),
+                      ("attprojw", 3.0 / math.sqrt(C)), ("fcprojw", 3.0 / math.sqrt(4 * C))):
+        v = model.params.views[name]
+        v = v[:VOCAB] if name == "wte" else v
+        v[...] = std * rng.standard_normal(v.shape, dtype=np.float32)
+    for name in ("qkvb", "fcb", "ln1b", "ln2b", "lnfb"):
+        v = model.params.views[name]
+        v[...] = 0.1 * rng.standard_normal(v.shape, dtype=np.float32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+def test_cached_logits_match_full_forward(model):
+    """Prefill 5 tokens, then one token per call: every position's logits, and
+    the default last-position logits, equal forward() on the whole sequence."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, size=(2, 24))
+    full, _ = model.forward(ids)
+    full = full.copy()
+    cache = model.new_kv_cache(B=2)
+    parts = [model.forward_cached(ids[:, :5], cache, all_logits=True)]
+    for t in range(5, 24):
+        parts.append(model.forward_cached(ids[:, t:t + 1], cache, all_logits=True))
+    assert cache.pos == 24
+    assert rel(np.concatenate(parts, axis=1), full) < 1e-5
+    for t in (1, 9, 24):
+        cache.reset()
+        last = model.forward_cached(ids[:, :t], cache)
+        assert last.shape == (2, VOCAB)
+        assert rel(last, full[:, t - 1]) < 1e-5
+
+
+def test_cached_forward_in_chunks(model):
+    """Several tokens per call after the prefill (a mask inside the new block)."""
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 20))
+    full, _ = model.forward(ids)
+    full = full.copy()
+    cache = model.new_kv_cache()
+    parts = [model.forward_cached(ids[:, a:b], cache, all_logits=True) for a, b in ((0, 3), (3, 11), (11, 20))]
+    assert rel(np.concatenate(parts, axis=1), full) < 1e-5
+
+
+def test_cache_overflow_is_an_error(model):
+    cache = model.new_kv_cache(max_T=4)
+    model.forward_cached(np.zeros((1, 4), dtype=np.int64), cache)
+    with pytest.raises(LlmpyError, match="no room"):
+        model.forward_cached(np.zeros((1, 1), dtype=np.int64), cache)
+    with pytest.raises(LlmpyError, match="block_size"):
+        model.new_kv_cache(max_T=BLOCK + 1)
+
+
+@pytest.mark.parametrize("prompt_len,n_new", [(1, 20), (6, 20), (20, 30), (40, 8)])
+def test_greedy_cached_equals_recompute(model, prompt_len, n_new):
+    """Token for token, including contexts that outgrow block_size (32): the
+    cache is refilled from the window exactly when full recomputation slides it."""
+    prompt = np.random.default_rng(prompt_len).integers(0, VOCAB, size=prompt_len).tolist()
+    with_cache = generate(model, prompt, n_new, temperature=0, stop_at_eot=False, use_cache=True)
+    without = generate(model, prompt, n_new, temperature=0, stop_at_eot=False, use_cache=False)
+    assert len(with_cache) == n_new
+    assert with_cache == without
+    if n_new >= 20:
+        assert len(set(with_cache)) > 3, "degenerate model: the test would prove little"
+
+
+def test_sampled_cached_equals_recompute(model):
+    prompt = [5, 17, 42]
+    a = generate(model, prompt, 25, temperature=0.9, top_k=20, top_p=0.95, seed=7, stop_at_eot=False)
+    b = generate(model, prompt, 25, temperature=0.9, top_k=20, top_p=0.95, seed=7, stop_at_eot=False,
+                 use_cache=False)
+    assert a == b
+
+
+# ---------------------------------------------------------------------------- sampling
+
+def test_top_k_1_is_greedy(model):
+    prompt = [3, 1, 4, 1, 5]
+    greedy = generate(model, prompt, 15, temperature=0, stop_at_eot=False)
+    for seed in (0, 1):
+        assert generate(model, prompt, 15, temperature=1.5, top_k=1, seed=seed, stop_at_eot=False) == greedy
+
+
+def test_seed_reproduces(model):
+    run = lambda seed: generate(model, [9, 9], 20, temperature=1.0, seed=seed, stop_at_eot=False)  # noqa: E731
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_top_p_keeps_smallest_set_with_mass_p():
+    probs = np.array([0.05, 0.4, 0.3, 0.15, 0.1])
+    logits = np.log(probs)
+    # descending: 0.4, 0.3, 0.15, 0.1, 0.05; cumulative 0.4, 0.7, 0.85, 0.95, 1.0
+    for p, kept in ((0.3, {1}), (0.4, {1}), (0.41, {1, 2}), (0.7, {1, 2}), (0.8, {1, 2, 3}), (0.9, {1, 2, 3, 4})):
+        q = next_token_probs(logits, top_p=p)
+        assert set(np.flatnonzero(q)) == kept, p
+        np.testing.assert_allclose(q[list(kept)], probs[list(kept)] / probs[list(kept)].sum())
+    rng = np.random.default_rng(0)
+    draws = {sample_next(logits, rng, top_p=0.7) for _ in range(200)}
+    assert draws == {1, 2}
+
+
+def test_top_k_and_temperature():
+    logits = np.array([1.0, 3.0, 2.0, 0.0])
+    q = next_token_probs(logits, top_k=2)
+    assert set(np.flatnonzero(q)) == {1, 2}
+    # temperature divides the logits: T=0.5 doubles the log-odds
+    q = next_token_probs(logits, temperature=0.5)
+    np.testing.assert_allclose(np.log(q[1] / q[2]), 2 * (3.0 - 2.0))
+    assert sample_next(logits, np.random.default_rng(0), temperature=0) == 1
+
+
+def test_eot_stops_generation(model):
+    """Make token 7 the argmax everywhere by boosting its LM-head row along the
+    final layernorm's bias; with eot=7 greedy generation stops at once, and with
+    stop_at_eot=False it produces 7s."""
+    m = make_model(seed=2)
+    m.params.lnfw[...] = 0.0                 # final hidden state = lnfb for every position
+    m.params.lnfb[...] = 1.0
+    m.params.wte[7] = 5.0                    # logit of 7 = 5 C, the largest
+    for use_cache in (True, False):
+        assert generate(m, [1, 2, 3], 10, temperature=0, eot=7, use_cache=use_cache) == []
+        assert generate(m, [1, 2, 3], 3, temperature=0, eot=7, stop_at_eot=False, use_cache=use_cache) == [7, 7, 7]
