@@ -66,12 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="recompute the whole context for every token instead of using the KV cache")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
-    p = sub.add_parser("eval", help="validation loss of a model directory")
+    p = sub.add_parser("eval", help="validation loss (--data) or HellaSwag accuracy (--hellaswag) of a model directory")
     p.add_argument("ckpt")
-    p.add_argument("--data", required=True, help="glob of val shards")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--data", default=None, help="glob of val shards: mean loss and perplexity")
+    p.add_argument("--hellaswag", default=None, metavar="FILE", help="HellaSwag .jsonl: acc and acc_norm")
+    p.add_argument("--limit", type=int, default=None, help="HellaSwag: score only the first N examples")
+    p.add_argument("--steps", type=int, default=20, help="--data: number of val batches")
     p.add_argument("-B", "--batch-size", type=int, default=4)
     p.add_argument("-T", "--seq-len", type=int, default=None, help="default: the model's block size")
     p.add_argument("--json", action="store_true")
@@ -123,18 +127,26 @@ def _run(args):
         model = load(args.ckpt, device=args.device)
         tok = Tokenizer()
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
-        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, tok.eot)
+        ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, tok.eot,
+                       use_cache=args.use_cache)
         print(args.prompt + tok.decode(ids))
     elif args.command == "eval":
-        from . import load
-        from .data.shards import DataLoader
-        from .train import evaluate
+        from . import evals, load
+        if (args.data is None) == (args.hellaswag is None):
+            raise LlmpyError("eval needs exactly one of --data PATTERN (val loss) or --hellaswag FILE (accuracy)")
         model = load(args.ckpt, device=args.device)
-        T = args.seq_len or model.config.block_size
-        loss = evaluate(model, DataLoader(args.data, args.batch_size, T, shuffle=False), args.steps)
-        import math
-        res = {"val_loss": loss, "perplexity": math.exp(loss), "batches": args.steps, "B": args.batch_size, "T": T}
-        print(json.dumps(res) if args.json else f"val loss {loss:.4f}  perplexity {math.exp(loss):.2f}")
+        if args.data is not None:
+            from .data.shards import DataLoader
+            T = args.seq_len or model.config.block_size
+            res = evals.val_report(model, DataLoader(args.data, args.batch_size, T, shuffle=False), args.steps)
+            text = f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}"
+        else:
+            res = evals.hellaswag(model, args.hellaswag, limit=args.limit)
+            if args.json:
+                res.pop("per_example")
+            text = (f"HellaSwag on {res['examples']} examples: acc {res['acc']:.4f}  "
+                    f"acc_norm {res['acc_norm']:.4f}")
+        print(json.dumps(res) if args.json else text)
     elif args.command == "bench":
         from .bench import bench, print_table
         res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare)
