@@ -14,7 +14,9 @@ __all__ = ["GPT", "GPTConfig", "LlmpyError", "Tokenizer", "load", "preset"]
 
 
 def load(path, device: str = "cpu") -> GPT:
-    """Load a GPT-2 model directory (Hugging Face layout: config.json + model.safetensors)."""
+    """Load a GPT-2 model: a Hugging Face directory (config.json + model.safetensors,
+    or pytorch_model.bin with torch installed), an llm.c .bin model file, or a
+    Hugging Face hub name such as "gpt2" (downloaded when online)."""
     from .checkpoint import load as _load
     return _load(path, device=device)
 

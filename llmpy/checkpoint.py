@@ -13,11 +13,14 @@ into place, so a crash never leaves something that looks finished.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +31,16 @@ from .errors import LlmpyError
 # ---------------------------------------------------------------------- atomic files
 
 
-def atomic_write_bytes(path, data: bytes):
+@contextlib.contextmanager
+def atomic_file(path):
+    """Open `path` for writing so that it appears whole or not at all: the data
+    goes to a temporary file beside it, which is fsynced and renamed over
+    `path` only when the with-block ends without an exception."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,6 +48,20 @@ def atomic_write_bytes(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _test_pause()
+
+
+def _test_pause():
+    """Tests only: LLMPY_TEST_SLOW_CHECKPOINT=seconds sleeps after every file
+    written, so that a test can kill a run in the middle of a checkpoint."""
+    delay = os.environ.get("LLMPY_TEST_SLOW_CHECKPOINT")
+    if delay:
+        time.sleep(float(delay))
+
+
+def atomic_write_bytes(path, data: bytes):
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path, obj):
@@ -94,31 +115,52 @@ def hf_config(cfg: GPTConfig) -> dict:
 
 
 def read_hf_config(path) -> GPTConfig:
+    """GPTConfig of a Hugging Face GPT-2 config.json; anything that is not a
+    GPT-2 llmpy can run (another model type, MLP width, activation) is refused."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise LlmpyError(f"{path}: no config.json; a model directory needs config.json + model.safetensors") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmpyError(f"{path}: not valid JSON ({e}); re-save the model") from None
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise LlmpyError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "re-save the model") from None
     if not isinstance(d, dict):
         raise LlmpyError(f"{path}: expected a JSON object")
     if d.get("model_type", "gpt2") != "gpt2":
         raise LlmpyError(f"{path}: model_type is {d.get('model_type')!r}, llmpy loads GPT-2 models only")
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise LlmpyError(f"{path}: activation_function {d.get('activation_function')!r} is not GPT-2's tanh GELU")
-    if d.get("n_inner") not in (None, 4 * d.get("n_embd", 768)):
-        raise LlmpyError(f"{path}: n_inner={d.get('n_inner')} is not 4 * n_embd; llmpy supports GPT-2's MLP width")
+    fields = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
+              "n_head": "n_head", "n_embd": "n_embd"}
+    defaults = GPTConfig()
+    values = {}
+    for ours, theirs in fields.items():
+        v = d.get(theirs, getattr(defaults, ours))
+        if type(v) is not int or v <= 0:      # not bool, not float, not a string
+            raise LlmpyError(f"{path}: {theirs} must be a positive integer, got {v!r}")
+        values[ours] = v
+    if d.get("n_inner") not in (None, 4 * values["n_embd"]):
+        raise LlmpyError(f"{path}: n_inner={d.get('n_inner')!r} is not 4 * n_embd; llmpy supports GPT-2's MLP width")
     try:
-        return GPTConfig(block_size=d.get("n_positions", 1024), vocab_size=d.get("vocab_size", 50257),
-                         n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_embd=d.get("n_embd", 768))
+        return GPTConfig(**values)
     except LlmpyError as e:
         raise LlmpyError(f"{path}: {e}") from None
 
 
-def save_model(model, path, format: str = "hf"):
+def save_model(model, path, format: str = "hf", dtype: str = "fp32"):
+    """Write a model: format "hf" is a Hugging Face directory (config.json +
+    model.safetensors, fp32); format "llmc" is one llm.c model file (fp32 or bf16)."""
+    if format == "llmc":
+        from .llmc import write_model
+        write_model(path, model.config, _host_flat(model), dtype=dtype)
+        return
     if format != "hf":
-        raise LlmpyError(f"unknown model format {format!r}; only 'hf' is written so far")
+        raise LlmpyError(f"unknown model format {format!r}; use 'hf' (a directory) or 'llmc' (an llm.c .bin file)")
+    if dtype != "fp32":
+        raise LlmpyError(f"Hugging Face directories are written in fp32, not {dtype}")
     from safetensors.numpy import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -127,35 +169,104 @@ def save_model(model, path, format: str = "hf"):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path / "model.safetensors")
+    _test_pause()
     atomic_write_json(path / "config.json", hf_config(model.config))
 
 
+def _host_flat(model) -> np.ndarray:
+    flat = model.params.flat
+    return flat if model.xp is np else model.xp.asnumpy(flat)
+
+
 def read_safetensors(path) -> dict:
+    """All tensors of a safetensors file as NumPy arrays; any damage is an LlmpyError."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise LlmpyError(f"{path}: file not found")
     try:
         return load_file(str(path))
-    except FileNotFoundError:
-        raise LlmpyError(f"{path}: file not found") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LlmpyError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
-                         "re-save or re-download it") from None
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LlmpyError(f"{path}: not a readable safetensors file ({why}); re-save or re-download it") from None
+
+
+def read_pytorch_bin(path) -> dict:
+    """The tensors of a pytorch_model.bin (needs torch; loaded with weights_only,
+    so a hostile pickle cannot run code)."""
+    try:
+        import torch
+    except ImportError:
+        raise LlmpyError(f"{path}: reading pytorch_model.bin needs PyTorch (pip install torch), "
+                         "or convert the model to model.safetensors") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:   # torch raises many types for a bad file; all mean the same here
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LlmpyError(f"{path}: not a readable PyTorch checkpoint ({why[:200]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise LlmpyError(f"{path}: expected a dict of tensors (a state dict)")
+    return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def _check_float_tensors(sd: dict, source):
+    for k, v in sd.items():
+        if k.endswith(("attn.bias", "attn.masked_bias")):
+            continue      # HF's causal-mask buffers, not parameters
+        if not np.issubdtype(v.dtype, np.floating):
+            raise LlmpyError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected floating point weights")
+
+
+# Hugging Face hub names llmpy knows the shape of; any "owner/name" also tries the hub.
+HF_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _from_hub(name: str) -> Path:
+    """Download (or find in the local cache) a GPT-2 model from the Hugging Face hub."""
+    need_local = (f"{name}: not a local model; pass a directory with config.json + model.safetensors "
+                  f"(or an llm.c .bin file)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LlmpyError(f"{need_local}; downloading {name!r} from the hub needs `pip install huggingface_hub`") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:      # offline, unknown repo, no network: all say the same to the user
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LlmpyError(f"{need_local}; fetching it from the Hugging Face hub failed ({why[:160]})") from None
 
 
 def load(path, device: str = "cpu"):
-    """A GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors)."""
+    """A GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors,
+    or pytorch_model.bin when torch is installed), an llm.c model file, or a
+    Hugging Face hub name such as "gpt2" (downloaded when online)."""
     from .model import GPT
+    spec = str(path)
     path = Path(path)
     if not path.exists():
-        raise LlmpyError(f"{path}: no such model directory; pass a directory with config.json + model.safetensors")
-    if path.is_dir():
-        cfg = read_hf_config(path / "config.json")
+        if spec in HF_HUB_NAMES or ("/" in spec and _REPO_ID.match(spec)):
+            path = _from_hub(spec)
+        else:
+            raise LlmpyError(f"{path}: no such model directory or file; pass a directory with config.json + "
+                             f"model.safetensors, an llm.c .bin file, or a hub name ({', '.join(HF_HUB_NAMES)})")
+    if path.is_file():
+        from .llmc import read_model
+        cfg, flat = read_model(path)
+        model = GPT(cfg, device=device, init=False)
+        model.params.flat[:] = model.xp.asarray(flat)
+        return model
+    cfg = read_hf_config(path / "config.json")
+    if (path / "model.safetensors").exists():
         weights = path / "model.safetensors"
-        if not weights.exists():
-            raise LlmpyError(f"{path}: no model.safetensors in this directory")
+        sd = read_safetensors(weights)
+    elif (path / "pytorch_model.bin").exists():
+        weights = path / "pytorch_model.bin"
+        sd = read_pytorch_bin(weights)
     else:
-        raise LlmpyError(f"{path}: expected a model directory (config.json + model.safetensors)")
-    sd = read_safetensors(weights)
+        raise LlmpyError(f"{path}: no model.safetensors (or pytorch_model.bin) in this directory")
+    _check_float_tensors(sd, weights)
     model = GPT(cfg, device=device, init=False)
     model.load_state_dict(sd, source=str(weights))
     return model
@@ -173,12 +284,15 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
+    if not np.isfinite(_host_flat(model)).all():
+        raise LlmpyError(f"step {step}: the weights contain NaN or inf; not writing a checkpoint of them")
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         save_model(model, tmp)
         xp = model.xp
         host = (lambda a: a) if xp is np else xp.asnumpy
         save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / "optimizer.safetensors"))
+        _test_pause()
         atomic_write_json(tmp / "train_state.json", dict(train_state, step=step, adam_step=optimizer.step_count))
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
@@ -234,18 +348,42 @@ def verify_checkpoint(path) -> str | None:
 
 
 def load_training_checkpoint(path, model, optimizer) -> dict:
-    """Restore model weights and optimizer state in place; returns train_state."""
+    """Restore model weights and optimizer state in place; returns train_state.
+    Everything is checked before anything is changed."""
     path = Path(path)
     sd = read_safetensors(path / "model.safetensors")
-    model.load_state_dict(sd, source=str(path / "model.safetensors"))
+    _check_float_tensors(sd, path / "model.safetensors")
+    from .model import from_hf
+    host = from_hf(sd, model.config, source=str(path / "model.safetensors"))
     opt = read_safetensors(path / "optimizer.safetensors")
     for k in ("m", "v"):
-        if k not in opt or opt[k].shape != optimizer.m.shape:
-            raise LlmpyError(f"{path / 'optimizer.safetensors'}: optimizer state {k!r} does not match this model")
-    try:
-        state = json.loads((path / "train_state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LlmpyError(f"{path / 'train_state.json'}: unreadable ({e})") from None
+        if k not in opt or opt[k].shape != tuple(optimizer.m.shape) or opt[k].dtype != np.float32:
+            raise LlmpyError(f"{path / 'optimizer.safetensors'}: optimizer state {k!r} is missing or does not "
+                             f"match this model ({optimizer.m.shape[0]} float32 values)")
+    state = read_train_state(path / "train_state.json")
+    model.params.flat[:] = model.xp.asarray(host.flat)
     optimizer.load_state_dict({"m": model.xp.asarray(opt["m"]), "v": model.xp.asarray(opt["v"]),
                                "step": state["adam_step"]})
+    return state
+
+
+def read_train_state(path) -> dict:
+    """train_state.json, with the fields a resume relies on checked."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise LlmpyError(f"{path}: missing; the checkpoint is incomplete") from None
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise LlmpyError(f"{path}: not valid JSON (corrupt)") from None
+    if not isinstance(state, dict):
+        raise LlmpyError(f"{path}: expected a JSON object")
+    for key in ("step", "adam_step"):
+        if type(state.get(key)) is not int or state[key] < 0:
+            raise LlmpyError(f"{path}: {key!r} must be a non-negative integer, got {state.get(key)!r}")
+    loader = state.get("loader")
+    if not isinstance(loader, dict) or any(type(loader.get(k)) is not int for k in ("epoch", "position")):
+        raise LlmpyError(f"{path}: 'loader' (the data position: epoch, position) is missing or malformed")
     return state

@@ -43,6 +43,8 @@ def _train_parser(sub):
     p.add_argument("--keep", type=int, default=d.keep, help="keep the newest N checkpoints (0: all)")
     p.add_argument("--out", default=d.out)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradient norm is NaN/inf instead of stopping")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--seq-len", type=int, default=None, help="default: the model's block size")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    p = sub.add_parser("convert", help="convert a model between Hugging Face and llm.c formats")
+    p.add_argument("src", help="a model directory, an llm.c .bin file, or a hub name such as gpt2")
+    p.add_argument("dst", help="output: a directory (--to hf) or a .bin file (--to llmc)")
+    p.add_argument("--to", required=True, choices=["hf", "llmc"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="llm.c weights: fp32 or bf16")
 
     p = sub.add_parser("bench", help="time a full training step (optionally against PyTorch)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -147,6 +155,11 @@ def _run(args):
             text = (f"HellaSwag on {res['examples']} examples: acc {res['acc']:.4f}  "
                     f"acc_norm {res['acc_norm']:.4f}")
         print(json.dumps(res) if args.json else text)
+    elif args.command == "convert":
+        from . import load
+        from .checkpoint import save_model
+        save_model(load(args.src), args.dst, format=args.to, dtype=args.dtype)
+        print(f"wrote {args.dst} ({args.to}, {args.dtype})")
     elif args.command == "bench":
         from .bench import bench, print_table
         res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare)

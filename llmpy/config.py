@@ -84,6 +84,7 @@ class TrainConfig:
     keep: int = 2                       # keep the newest N checkpoints (0: all)
     out: str = "out"
     resume: bool = False
+    skip_nonfinite: bool = False        # skip a step whose loss or gradient norm is NaN/inf instead of stopping
     seed: int = 0
     progress: bool = True               # progress bar (off: one line per val/sample)
 

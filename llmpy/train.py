@@ -177,6 +177,7 @@ def train(tc: TrainConfig) -> dict:
     try:
         for step in range(start + 1, last_stop + 1):      # step = optimizer steps done after this one
             t0 = time.perf_counter()
+            checkpoint_due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last_stop
             lr = lr_at(step - 1, tc.lr, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_frac)
             model.zero_grad()
             loss = 0.0
@@ -185,11 +186,22 @@ def train(tc: TrainConfig) -> dict:
                 _, micro_loss = model.forward(x, y)
                 model.backward(loss_scale=1.0 / accum)
                 loss += micro_loss / accum
-            if not math.isfinite(loss):
-                raise LlmpyError(f"step {step}: the loss is {loss}; lower --lr or check the data")
-            norm = global_norm(model)
-            if not math.isfinite(norm):
-                raise LlmpyError(f"step {step}: the gradient norm is {norm}; lower --lr or check the data")
+            norm = global_norm(model) if math.isfinite(loss) else float("nan")
+            problem = (f"the loss is {loss}" if not math.isfinite(loss) else
+                       f"the gradient norm is {norm}" if not math.isfinite(norm) else None)
+            if problem:
+                # A non-finite loss or gradient would poison the weights and AdamW's
+                # m and v for good: stop, or (--skip-nonfinite) drop this step's
+                # update; its batches are consumed and the schedule moves on.
+                if not tc.skip_nonfinite:
+                    raise LlmpyError(f"step {step}: {problem}; lower --lr or check the data "
+                                     "(--skip-nonfinite skips such steps)")
+                _print(bar, f"step {step}: {problem}; skipping this step (--skip-nonfinite)")
+                if bar is not None:
+                    bar.update(1)
+                if checkpoint_due:
+                    _checkpoint(tc, out, step, model, optimizer, loader)
+                continue
             optimizer.step(lr, grad_scale=clip_scale(norm, tc.grad_clip))
             ms = (time.perf_counter() - t0) * 1000
             rec = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
@@ -208,7 +220,7 @@ def train(tc: TrainConfig) -> dict:
                 log(f"step {step}/{tc.steps} loss {loss:.4f} val {val_loss:.4f} {rec['tokens_per_s']:.0f} tok/s")
             if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps:
                 _print(bar, f"--- sample at step {step} ---\n{sample_text(model, tokenizer, tc.sample_tokens, step)}\n---")
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last_stop:
+            if checkpoint_due:
                 _checkpoint(tc, out, step, model, optimizer, loader)
                 plot_losses(records, out / "loss.png")
     finally:
