@@ -55,8 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="turn a corpus into token shards")
-    p.add_argument("name", help="pydoc (embedded, no network)")
+    p.add_argument("name", help="pydoc (embedded, no network), tinyshakespeare, tinystories, "
+                                "fineweb-edu, hellaswag (downloaded)")
     p.add_argument("--out", default=None, help="output directory (default data/NAME)")
+    # Only for the downloaded, tokenized corpora; None means "not given".
+    p.add_argument("--shard-size", type=int, default=None, help="tokens per shard (default 100M)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs)")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    p.add_argument("--shards", type=int, default=None, help="stop after N shards (val included)")
+    p.add_argument("--val-tokens", type=int, default=None, help="val shard size (default per corpus)")
+    p.add_argument("--split", dest="splits", action="append", default=None,
+                   help="hellaswag split to fetch (train/val/test; repeatable; default val)")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   default=None, help="no progress bars")
 
     _train_parser(sub)
 
@@ -121,7 +132,9 @@ def main(argv=None) -> int:
 def _run(args):
     if args.command == "prepare":
         from .data.prepare import prepare
-        info = prepare(args.name, args.out)
+        opts = ("shard_size", "workers", "max_tokens", "shards", "val_tokens", "splits", "progress")
+        info = prepare(args.name, args.out,
+                       **{k: getattr(args, k) for k in opts if getattr(args, k) is not None})
         print(json.dumps({k: str(v) for k, v in info.items()}))
     elif args.command == "train":
         from .train import train

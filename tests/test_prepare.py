@@ -96,10 +96,10 @@ def test_prepare_dispatch_default_dir(tmp_path, monkeypatch):
     assert Path(r["train"]).resolve() == (tmp_path / "data" / "pydoc" / "pydoc_train_000000.bin")
 
 
-@pytest.mark.parametrize("name", ["tinyshakespeare", "tinystories", "fineweb-edu", "hellaswag"])
-def test_other_datasets_not_yet(name, tmp_path):
-    with pytest.raises(LlmpyError, match="not implemented yet; use pydoc"):
-        prepare(name, out_dir=tmp_path)
+def test_pydoc_rejects_corpus_options(tmp_path):
+    # the downloaded corpora are tested in test_prepare_corpora.py (no network)
+    with pytest.raises(LlmpyError, match="--max-tokens"):
+        prepare("pydoc", out_dir=tmp_path, max_tokens=10)
 
 
 def test_unknown_dataset(tmp_path):

@@ -95,6 +95,10 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+class NotFound(LlmpyError):
+    """HTTP 404: the file is not there (how a sequence of numbered files ends)."""
+
+
 class _Dropped(Exception):
     """The connection ended before the announced size: worth a retry."""
 
@@ -124,7 +128,7 @@ def download(url: str, dest, *, sha256: str | None = None, hub_checksum: bool = 
         except (_Dropped, urllib.error.URLError, http.client.HTTPException,
                 ConnectionError, TimeoutError) as e:
             if isinstance(e, urllib.error.HTTPError) and e.code < 500:
-                raise LlmpyError(f"download {url} failed: HTTP {e.code} {e.reason}; "
+                raise (NotFound if e.code == 404 else LlmpyError)(f"download {url} failed: HTTP {e.code} {e.reason}; "
                                  "check the URL (or the LLMPY_*_ENDPOINT override)") from None
             failures += 1
             if failures > retries:
