@@ -302,16 +302,38 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
         atomic_write_json(tmp / "manifest.json", {"step": step, "files": manifest})
         _fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _test_pause()
     if keep and keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return final
+
+
+def _remove_checkpoint(path: Path):
+    """Delete a checkpoint so that a crash midway never leaves a half-deleted
+    ckpt_* behind: first rename it to a hidden name (atomic), then delete that."""
+    trash = path.with_name(f".{path.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temporaries(out_dir) -> list[Path]:
+    """Delete what a crashed run left behind: half-built (.ckpt_*.tmp) and
+    half-deleted (.ckpt_*.old) checkpoint directories. Returns what it removed."""
+    out_dir = Path(out_dir)
+    stale = [p for p in out_dir.glob(f".{CKPT_PREFIX}*") if p.name.endswith((".tmp", ".old"))] \
+        if out_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(out_dir) -> list[Path]:

@@ -255,6 +255,8 @@ def _checkpoint(tc, out, step, model, optimizer, loader):
 
 def _resume(out: Path, model, optimizer, loader) -> int:
     """Restore the newest checkpoint that verifies; returns its step (0: none)."""
+    for p in ckpt.remove_stale_temporaries(out):
+        log(f"resume: removed {p}, left behind by an interrupted run")
     found = ckpt.list_checkpoints(out)
     for path in reversed(found):
         problem = ckpt.verify_checkpoint(path)
