@@ -216,3 +216,21 @@ def test_cli_prepare_flags(server, tmp_path, capsys):
 def test_fixture_checksums_published(server):
     # the hub-style fixtures carry the sha256 the downloader verifies
     assert server.sha256[STORIES_PATH] == hashlib.sha256(server.files[STORIES_PATH]).hexdigest()
+
+
+def test_interrupted_prepare_looks_unfinished_and_resumes(server, tmp_path, tok):
+    # The second parquet file arrives corrupted: prepare fails halfway through,
+    # after the val shard is written. Nothing may claim to be finished.
+    server.corrupt[FINEWEB_PATH.format(1)] = True
+    kw = dict(shard_size=500, workers=2, progress=False)
+    with pytest.raises(LlmpyError, match="001_00000.parquet.*sha256"):
+        prepare("fineweb-edu", tmp_path, **kw)
+    assert (tmp_path / "fineweb-edu_val_000000.bin").exists()
+    assert not (tmp_path / "fineweb-edu_done.json").exists()
+    assert sorted(os.listdir(tmp_path / "downloads")) == ["000_00000.parquet"]   # no .part
+    # Fixed upstream: the run completes; the finished download is not fetched again.
+    server.corrupt[FINEWEB_PATH.format(1)] = False
+    r = prepare("fineweb-edu", tmp_path, **kw)
+    assert _text(tok, _shards(r)) == "".join(EOT + t for texts in FINEWEB for t in texts)
+    assert [m for m, p, _ in server.requests if p == FINEWEB_PATH.format(0)] == ["GET"]
+    assert (tmp_path / "fineweb-edu_done.json").exists()
