@@ -129,3 +129,13 @@ def test_endpoint_override(monkeypatch):
     assert dl.endpoint("hf") == "http://127.0.0.1:9"
     monkeypatch.delenv("LLMPY_HF_ENDPOINT")
     assert dl.endpoint("hf") == "https://huggingface.co"
+
+
+def test_resume_through_a_redirect(server, tmp_path):
+    # The Range header must survive the hub's redirect to the CDN.
+    server.add("/cdn/blob", BODY)
+    server.redirect["/resolve/f"] = "/cdn/blob"
+    server.sha256["/resolve/f"] = hashlib.sha256(BODY).hexdigest()
+    server.drop_once["/cdn/blob"] = 123_456
+    assert fetch(server, "/resolve/f", tmp_path / "f", hub_checksum=True).read_bytes() == BODY
+    assert [r for _, p, r in server.requests if p == "/cdn/blob"] == [None, "bytes=123456-"]

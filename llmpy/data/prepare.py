@@ -440,11 +440,16 @@ class _ShardWriter:
         if not self.written:
             raise LlmpyError(f"{self.name}: the corpus produced no tokens; delete "
                              f"{self.out / 'downloads'} and run again")
-        return {"val": self.written[0][0],
-                "train": str(self.out / f"{self.name}_train_*.bin"),
-                "val_tokens": self.written[0][1],
-                "train_tokens": sum(n for _, n in self.written[1:]),
-                "shards": len(self.written)}
+        return _corpus_result(self.out, self.name, self.written)
+
+
+def _corpus_result(out: Path, name: str, written: list[tuple[str, int]]) -> dict:
+    """What prepare returns, from the (path, tokens) of each shard, val first."""
+    return {"val": written[0][0],
+            "train": str(out / f"{name}_train_*.bin"),
+            "val_tokens": written[0][1],
+            "train_tokens": sum(n for _, n in written[1:]),
+            "shards": len(written)}
 
 
 def _finished(done: Path, settings: dict) -> dict | None:
@@ -466,9 +471,7 @@ def _finished(done: Path, settings: dict) -> dict | None:
         written.append((str(path), n))
     if not written:
         return None
-    writer = _ShardWriter(done.parent, settings["name"], 1, 1, None, None)
-    writer.written = written
-    return writer.result()
+    return _corpus_result(done.parent, settings["name"], written)
 
 
 def _write_json(path: Path, obj) -> None:
