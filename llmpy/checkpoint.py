@@ -218,6 +218,28 @@ def _check_float_tensors(sd: dict, source):
             raise LlmpyError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected floating point weights")
 
 
+def check_shapes(sd: dict, cfg: GPTConfig, source):
+    """Check config.json against the tensors' own shapes *before* a model of
+    that config is allocated: a config claiming a huge model next to small
+    weights must fail here, not in a giant allocation."""
+    def get(name):
+        t = sd.get(name, sd.get(name[len("transformer."):]))
+        if t is None:
+            raise LlmpyError(f"{source}: missing tensor {name!r}; is this a GPT-2 checkpoint?")
+        return t
+    wte, wpe = get("transformer.wte.weight"), get("transformer.wpe.weight")
+    if tuple(wte.shape) != (cfg.vocab_size, cfg.n_embd):
+        raise LlmpyError(f"{source}: wte has shape {tuple(wte.shape)}, but config.json says vocab_size "
+                         f"{cfg.vocab_size} x n_embd {cfg.n_embd}")
+    if tuple(wpe.shape) != (cfg.block_size, cfg.n_embd):
+        raise LlmpyError(f"{source}: wpe has shape {tuple(wpe.shape)}, but config.json says n_positions "
+                         f"{cfg.block_size} x n_embd {cfg.n_embd}")
+    layers = {k.split(".")[k.split(".").index("h") + 1] for k in sd if ".h." in f".{k}"}
+    if len(layers) != cfg.n_layer:
+        raise LlmpyError(f"{source}: holds {len(layers)} transformer layers, but config.json says n_layer "
+                         f"{cfg.n_layer}")
+
+
 # Hugging Face hub names llmpy knows the shape of; any "owner/name" also tries the hub.
 HF_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -267,6 +289,7 @@ def load(path, device: str = "cpu"):
     else:
         raise LlmpyError(f"{path}: no model.safetensors (or pytorch_model.bin) in this directory")
     _check_float_tensors(sd, weights)
+    check_shapes(sd, cfg, weights)
     model = GPT(cfg, device=device, init=False)
     model.load_state_dict(sd, source=str(weights))
     return model
@@ -352,13 +375,20 @@ def verify_checkpoint(path) -> str | None:
     """None if the manifest verifies, else the reason it does not."""
     path = Path(path)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_bytes())
         files = manifest["files"]
     except FileNotFoundError:
         return "no manifest.json (the write did not finish)"
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "manifest.json is unreadable"
+    if not isinstance(files, dict) or not files:
+        return "manifest.json lists no files"
+    for name in ("model.safetensors", "optimizer.safetensors", "train_state.json"):
+        if name not in files:
+            return f"manifest.json does not list {name}"
     for name, meta in files.items():
+        if not isinstance(meta, dict) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            return f"manifest.json has a malformed entry {name!r}"
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
