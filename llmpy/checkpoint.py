@@ -254,9 +254,18 @@ def _from_hub(name: str) -> Path:
     except ImportError:
         raise LlmpyError(f"{need_local}; downloading {name!r} from the hub needs `pip install huggingface_hub`") from None
     try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:          # older huggingface_hub: no specific reasons, only the generic one
+        LocalEntryNotFoundError = RepositoryNotFoundError = ()
+    try:
         return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
-    except Exception as e:      # offline, unknown repo, no network: all say the same to the user
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except LocalEntryNotFoundError:
+        raise LlmpyError(f"{need_local}; the Hugging Face hub is not reachable (offline, or HF_HUB_OFFLINE is "
+                         f"set) and {name!r} is not in the local cache") from None
+    except RepositoryNotFoundError:
+        raise LlmpyError(f"{need_local}; the Hugging Face hub has no model {name!r}") from None
+    except Exception as e:      # network trouble of any kind: one line for the user
+        why = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0]
         raise LlmpyError(f"{need_local}; fetching it from the Hugging Face hub failed ({why[:160]})") from None
 
 
