@@ -189,7 +189,57 @@ def read_safetensors(path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "bfloat16" in why:       # NumPy has no bfloat16: read the file ourselves, upcasting
+            return _read_safetensors_by_format(path)
         raise LlmpyError(f"{path}: not a readable safetensors file ({why}); re-save or re-download it") from None
+
+
+_ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
+
+
+def _read_safetensors_by_format(path) -> dict:
+    """A safetensors file read by its format, for the bfloat16 files that
+    safetensors.numpy cannot return (NumPy has no bfloat16); BF16 tensors are
+    upcast to float32 exactly. The format: an 8-byte little-endian length N,
+    N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}}
+    (plus an optional "__metadata__"), then the data, offsets counted from
+    its start. Every entry is checked against the file before it is read."""
+    from .llmc import bf16_bits_to_fp32
+    path = Path(path)
+
+    def bad(what):
+        return LlmpyError(f"{path}: not a readable safetensors file ({what}); re-save or re-download it")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise bad(f"header length {n} does not fit in {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise bad("header is not JSON") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        data_start, out = 8 + n, {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
+                raise bad(f"tensor {name!r}: unsupported or missing dtype")
+            shape, offsets = meta.get("shape"), meta.get("data_offsets")
+            if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                    or not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(type(o) is int for o in offsets)):
+                raise bad(f"tensor {name!r}: malformed shape or data_offsets")
+            begin, end = offsets
+            dtype, itemsize = _ST_DTYPES[meta["dtype"]]
+            count = int(np.prod(shape, dtype=object)) if shape else 1
+            if not 0 <= begin <= end <= size - data_start or end - begin != count * itemsize:
+                raise bad(f"tensor {name!r}: data_offsets {offsets} do not match its shape and the file")
+            f.seek(data_start + begin)
+            arr = np.frombuffer(f.read(end - begin), dtype=dtype)
+            out[name] = (bf16_bits_to_fp32(arr) if meta["dtype"] == "BF16" else arr).reshape(shape)
+    return out
 
 
 def read_pytorch_bin(path) -> dict:

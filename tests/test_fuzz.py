@@ -123,10 +123,29 @@ def test_fuzz_llmc_tokenizer(tmp_path_factory):
     run()
 
 
-def test_fuzz_safetensors_directory(tmp_path_factory):
+def bf16_safetensors(path):
+    """The same model's weights as a bfloat16 safetensors file (written by the format)."""
+    from safetensors.numpy import load_file
+    sd = load_file(str(path))
+    header, blobs, pos = {}, [], 0
+    for name, t in sd.items():
+        b = llmc.fp32_to_bf16_bits(t).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [pos, pos + len(b)]}
+        blobs.append(b)
+        pos += len(b)
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + b"".join(blobs)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fuzz_safetensors_directory(tmp_path_factory, dtype):
     d = tmp_path_factory.mktemp("hf")
     model().save(d / "ok")
     original = (d / "ok" / "model.safetensors").read_bytes()
+    if dtype == "bf16":
+        original = bf16_safetensors(d / "ok" / "model.safetensors")
+        (d / "ok" / "model.safetensors").write_bytes(original)
+        llmpy.load(d / "ok")          # the unharmed file loads
     shutil.copytree(d / "ok", d / "x")
 
     @SETTINGS
@@ -191,4 +210,18 @@ def test_fuzz_train_state_json(tmp_path_factory):
                            json_values | st.fixed_dictionaries({"epoch": json_values, "position": json_values})))
     def run(state):
         only_llmpy_errors(ckpt.read_train_state, d / "train_state.json", json.dumps(state).encode())
+    run()
+
+
+def test_fuzz_bf16_safetensors_reader_directly(tmp_path_factory):
+    """llmpy's own safetensors reader (used for bfloat16 files), without the
+    library's checks in front of it."""
+    d = tmp_path_factory.mktemp("bf16")
+    model().save(d / "ok")
+    original = bf16_safetensors(d / "ok" / "model.safetensors")
+
+    @SETTINGS
+    @given(damaged(original, header_ints=2))
+    def run(data):
+        only_llmpy_errors(ckpt._read_safetensors_by_format, d / "x.safetensors", data)
     run()

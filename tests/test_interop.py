@@ -90,3 +90,15 @@ def test_hub_name_offline_says_it_needs_a_local_directory(tmp_path):
 def test_unknown_path_is_a_clear_error(tmp_path):
     with pytest.raises(LlmpyError, match="no such model directory or file"):
         llmpy.load(tmp_path / "nowhere")
+
+
+def test_bf16_directory_loads_upcast(tmp_path):
+    """transformers can save bfloat16 weights; llmpy upcasts them exactly."""
+    hm = hf_model(2, 2, 16, 60, 8).to(torch.bfloat16)
+    hm.save_pretrained(tmp_path / "m")
+    model = llmpy.load(tmp_path / "m")
+    ids = np.random.default_rng(1).integers(0, 60, (2, 8))
+    with torch.no_grad():
+        want = hm.float()(torch.from_numpy(ids)).logits.numpy()
+    got, _ = model.forward(ids)
+    assert rel(got, want) < 1e-5
