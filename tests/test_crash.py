@@ -45,9 +45,9 @@ def setup(tmp_path_factory):
     return root, info
 
 
-def config(root, info, out, **kw):
+def config(root, info, out, steps=STEPS, **kw):
     return TrainConfig(data=str(info["train"]), val_data=None, model=str(root / "tiny"), batch_size=2, seq_len=16,
-                       lr=3e-3, warmup_steps=2, steps=STEPS, val_every=0, sample_every=0, sample_tokens=4,
+                       lr=3e-3, warmup_steps=2, steps=steps, val_every=0, sample_every=0, sample_tokens=4,
                        out=str(out), progress=False, **kw)
 
 
@@ -135,3 +135,12 @@ def test_sigkill_during_checkpoints_then_resume_equals_uninterrupted(setup, tmp_
     final = f"ckpt_{STEPS:08d}"
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (out / final / name).read_bytes() == (ref / final / name).read_bytes(), name
+
+
+def test_keep_leaves_the_newest_n(setup, tmp_path):
+    """--keep 2 with a checkpoint every step: only the last two remain, and no
+    hidden temporaries."""
+    root, info = setup
+    out = tmp_path / "keep"
+    assert wait(fork_train(config(root, info, out, steps=5, checkpoint_every=1, keep=2), tmp_path / "keep.log")) == 0
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt_00000004", "ckpt_00000005"]
