@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output: a directory (--to hf) or a .bin file (--to llmc)")
     p.add_argument("--to", required=True, choices=["hf", "llmc"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="llm.c weights: fp32 or bf16")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="also write GPT-2's tokenizer as an llm.c tokenizer file (e.g. gpt2_tokenizer.bin)")
 
     p = sub.add_parser("bench", help="time a full training step (optionally against PyTorch)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -173,6 +175,11 @@ def _run(args):
         from .checkpoint import save_model
         save_model(load(args.src), args.dst, format=args.to, dtype=args.dtype)
         print(f"wrote {args.dst} ({args.to}, {args.dtype})")
+        if args.tokenizer:
+            from .data.tokenizer import Tokenizer
+            from .llmc import write_tokenizer_from
+            write_tokenizer_from(args.tokenizer, Tokenizer())
+            print(f"wrote {args.tokenizer} (llm.c tokenizer)")
     elif args.command == "bench":
         from .bench import bench, print_table
         res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare)

@@ -200,6 +200,14 @@ def test_tokenizer_file_round_trips_and_matches_tokenizer(tmp_path):
     assert (tmp_path / "tok.bin").read_bytes() == ref
 
 
+def test_convert_writes_the_tokenizer_file_too(tmp_path):
+    llmpy.GPT(llmpy.GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8)).save(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.bin"), "--to", "llmc",
+                 "--tokenizer", str(tmp_path / "tok.bin")]) == 0
+    tokens, eot = read_tokenizer(tmp_path / "tok.bin")
+    assert len(tokens) == 50257 and eot == 50256 and tokens[15496] == b"Hello"
+
+
 def test_reads_a_version_1_tokenizer_file(tmp_path):
     toks = [b"a", b"bc", bytes(range(200, 255)), b"<|endoftext|>"]
     data = struct.pack("<256I", 20240328, 1, len(toks), *([0] * 253))
