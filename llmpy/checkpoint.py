@@ -9,7 +9,14 @@ a manifest.json, written last, with the size and sha256 of every file.
 
 Every write is atomic: files are written under a temporary name, fsynced and
 renamed; a checkpoint directory is built under a temporary name and renamed
-into place, so a crash never leaves something that looks finished.
+into place, so a crash never leaves something that looks finished. Deleting
+an old checkpoint (--keep) renames it to a hidden name first, so a crash never
+leaves a half-deleted one either; `--resume` clears such leftovers.
+
+`load` also reads pytorch_model.bin (when torch is installed), bfloat16
+safetensors, llm.c model files (llmc.py) and Hugging Face hub names.
+Every reader checks what it reads against the file and against the config
+before it allocates anything, and fails with one LlmpyError line.
 """
 from __future__ import annotations
 
