@@ -264,7 +264,10 @@ def _resume(out: Path, model, optimizer, loader) -> int:
             log(f"resume: skipping {path}: {problem}")
             continue
         state = ckpt.load_training_checkpoint(path, model, optimizer)
-        loader.load_state_dict(state["loader"])
+        try:
+            loader.load_state_dict(state["loader"])
+        except LlmpyError as e:
+            raise LlmpyError(f"{path / 'train_state.json'}: {e}") from None
         log(f"resume: continuing from {path} (step {state['step']})")
         return int(state["step"])
     log(f"resume: no checkpoint in {out}; starting from step 0")

@@ -144,3 +144,18 @@ def test_keep_leaves_the_newest_n(setup, tmp_path):
     out = tmp_path / "keep"
     assert wait(fork_train(config(root, info, out, steps=5, checkpoint_every=1, keep=2), tmp_path / "keep.log")) == 0
     assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt_00000004", "ckpt_00000005"]
+
+
+def test_resume_onto_other_data_names_the_state_file(setup, tmp_path, capsys):
+    """A data position that does not fit the data now given is one line naming train_state.json."""
+    from llmpy.cli import main
+    from llmpy.data.shards import write_shard
+    root, info = setup
+    write_shard(tmp_path / "small.bin", list(range(40)))
+    common = ["train", "--model", str(root / "tiny"), "-B", "2", "-T", "16", "--steps", "6", "--val-every", "0",
+              "--sample-every", "0", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main([*common, "--data", str(info["train"]), "--stop-at", "4"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--data", str(tmp_path / "small.bin"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ckpt_00000004/train_state.json" in err[0] and "DataLoader state" in err[0], err
