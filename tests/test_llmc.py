@@ -137,6 +137,7 @@ def test_other_padding_is_repadded(tmp_path):
     ref = write_reference_model(tmp_path / "m.bin", 8, 100, 104, 1, 2, 16, 3, np.random.default_rng(2))
     cfg, flat = llmpy.llmc.read_model(tmp_path / "m.bin")
     model = llmpy.load(tmp_path / "m.bin")
+    assert cfg == model.config and flat.size == model.params.flat.size
     assert model.params.views["wte"].shape == (128, 16)
     np.testing.assert_array_equal(model.params.views["wte"][:100], ref["wte"][:100])
     np.testing.assert_array_equal(model.params.views["lnfb"], ref["lnfb"])
