@@ -20,81 +20,18 @@ before it allocates anything, and fails with one LlmpyError line.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from .config import GPTConfig
 from .errors import LlmpyError
-
-# ---------------------------------------------------------------------- atomic files
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Open `path` for writing so that it appears whole or not at all: the data
-    goes to a temporary file beside it, which is fsynced and renamed over
-    `path` only when the with-block ends without an exception."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _test_pause()
-
-
-def _test_pause():
-    """Tests only: LLMPY_TEST_SLOW_CHECKPOINT=seconds sleeps after every file
-    written, so that a test can kill a run in the middle of a checkpoint."""
-    delay = os.environ.get("LLMPY_TEST_SLOW_CHECKPOINT")
-    if delay:
-        time.sleep(float(delay))
-
-
-def atomic_write_bytes(path, data: bytes):
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
+from .fileio import atomic_write_json, fsync_dir, sha256_file, slow_write_hook
 
 # ---------------------------------------------------------------------- HF directories
 
@@ -176,7 +113,7 @@ def save_model(model, path, format: str = "hf", dtype: str = "fp32"):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path / "model.safetensors")
-    _test_pause()
+    slow_write_hook()
     atomic_write_json(path / "config.json", hf_config(model.config))
 
 
@@ -381,23 +318,23 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
         xp = model.xp
         host = (lambda a: a) if xp is np else xp.asnumpy
         save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / "optimizer.safetensors"))
-        _test_pause()
+        slow_write_hook()
         atomic_write_json(tmp / "train_state.json", dict(train_state, step=step, adam_step=optimizer.step_count))
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}
         atomic_write_json(tmp / "manifest.json", {"step": step, "files": manifest})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             _remove_checkpoint(final)
         os.replace(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _test_pause()
+    slow_write_hook()
     if keep and keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             _remove_checkpoint(old)
@@ -410,7 +347,7 @@ def _remove_checkpoint(path: Path):
     trash = path.with_name(f".{path.name}.old")
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -460,7 +397,7 @@ def verify_checkpoint(path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta.get("bytes"):
             return f"{name} has the wrong size"
-        if _sha256(f) != meta.get("sha256"):
+        if sha256_file(f) != meta.get("sha256"):
             return f"{name} fails its sha256 check"
     return None
 

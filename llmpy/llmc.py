@@ -91,7 +91,7 @@ def model_header(cfg: GPTConfig, version: int, padded_vocab_size: int | None = N
 
 def write_model(path, cfg: GPTConfig, flat: np.ndarray, dtype: str = "fp32"):
     """Write an llm.c model file from llmpy's flat parameter buffer (host, float32)."""
-    from .checkpoint import atomic_file
+    from .fileio import atomic_file
     if dtype not in ("fp32", "bf16"):
         raise LlmpyError(f"llm.c model dtype must be fp32 or bf16, got {dtype!r}")
     flat = np.asarray(flat, dtype=np.float32).reshape(-1)
@@ -182,7 +182,7 @@ def read_model(path) -> tuple[GPTConfig, np.ndarray]:
 
 def write_tokenizer(path, tokens: list[bytes], eot: int = GPT2_EOT):
     """Write llm.c's tokenizer file (version 2) for a list of token byte strings."""
-    from .checkpoint import atomic_file
+    from .fileio import atomic_file
     if not 0 <= eot < len(tokens):
         raise LlmpyError(f"tokenizer file {path}: eot token {eot} is outside the vocabulary [0, {len(tokens)})")
     for i, t in enumerate(tokens):

@@ -127,7 +127,7 @@ class GPT:
         # GPT-2's init: N(0, 0.02) weights, zero biases, unit layernorm gains;
         # the projections that write into the residual stream (attproj, fcproj)
         # get 0.02 / sqrt(2 L) so the stream's variance does not grow with depth.
-        cfg, p = self.config, self.params
+        cfg = self.config
         rng = np.random.default_rng(seed)
         std, res_std = 0.02, 0.02 / np.sqrt(2 * cfg.n_layer)
 

@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from . import checkpoint as ckpt
+from . import evals
 from .config import PRESETS, TrainConfig, preset
 from .errors import LlmpyError
 from .model import GPT
@@ -78,17 +78,6 @@ def check_config(tc: TrainConfig):
         raise LlmpyError(f"--dtype {tc.dtype} is not available on the CPU; the CPU path is fp32")
     if tc.lr_schedule not in ("cosine", "linear", "constant"):
         raise LlmpyError(f"--lr-schedule {tc.lr_schedule!r}: use cosine, linear or constant")
-
-
-def evaluate(model: GPT, loader, steps: int) -> float:
-    """Mean loss over the first `steps` batches of a freshly reset loader."""
-    loader.reset()
-    total = 0.0
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        _, loss = model.forward(x, y)
-        total += loss
-    return total / steps
 
 
 def sample_text(model: GPT, tokenizer, n_tokens: int, seed: int) -> str:
@@ -207,7 +196,7 @@ def train(tc: TrainConfig) -> dict:
             rec = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
                    "ms": round(ms, 2), "tokens_per_s": round(tokens_per_step / (ms / 1000), 1)}
             if val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
-                val_loss = evaluate(model, val_loader, tc.val_steps)
+                val_loss = evals.val_loss(model, val_loader, tc.val_steps)
                 rec["val_loss"] = round(val_loss, 6)
             records.append(rec)
             logf.write(json.dumps(rec) + "\n")

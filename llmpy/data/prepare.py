@@ -37,12 +37,12 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LlmpyError
+from ..fileio import atomic_write_json
 from .download import NotFound, download, endpoint
 from .shards import read_shard, write_shard
 from .tokenizer import Tokenizer
@@ -197,7 +197,7 @@ def prepare_corpus(name: str, out_dir, shard_size: int = SHARD_SIZE, workers: in
 
     result = writer.result()
     # The marker goes last, atomically: its presence means the set is whole.
-    _write_json(done, {**settings, "files": [[Path(p).name, n] for p, n in writer.written]})
+    atomic_write_json(done, {**settings, "files": [[Path(p).name, n] for p, n in writer.written]})
     print(f"{name}: wrote {result['shards']} shards to {out} "
           f"({result['train_tokens']:,} train + {result['val_tokens']:,} val tokens)")
     return result
@@ -472,14 +472,6 @@ def _finished(done: Path, settings: dict) -> dict | None:
     if not written:
         return None
     return _corpus_result(done.parent, settings["name"], written)
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a temporary file, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ===================================================================== hellaswag

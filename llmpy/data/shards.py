@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LlmpyError
+from ..fileio import atomic_file
 
 MAGIC = 20240520
 VERSION = 1
@@ -49,36 +49,9 @@ def write_shard(path, tokens) -> None:
     header[:3] = (MAGIC, VERSION, tokens.size)
     body = tokens.astype("<u2")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(body.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no temp file behind, whatever went wrong (even Ctrl-C).
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)   # make the rename itself durable
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:          # e.g. on Windows directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_file(path) as f:
+        f.write(header.tobytes())
+        f.write(body.tobytes())
 
 
 def read_shard(path) -> np.ndarray:
