@@ -33,6 +33,26 @@ from .config import GPTConfig
 from .errors import LlmpyError
 from .fileio import atomic_write_json, fsync_dir, sha256_file, slow_write_hook
 
+# ---------------------------------------------------------------------- JSON
+
+
+def read_json_object(path: Path, missing: str, fix: str) -> dict:
+    """A JSON object from `path`, or one LlmpyError line: `missing` when there
+    is no file, `fix` appended when it is not a JSON object."""
+    try:
+        d = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise LlmpyError(f"{path}: {missing}") from None
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise LlmpyError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"{fix}") from None
+    if not isinstance(d, dict):
+        raise LlmpyError(f"{path}: expected a JSON object; {fix}")
+    return d
+
+
 # ---------------------------------------------------------------------- HF directories
 
 
@@ -62,17 +82,8 @@ def read_hf_config(path) -> GPTConfig:
     """GPTConfig of a Hugging Face GPT-2 config.json; anything that is not a
     GPT-2 llmpy can run (another model type, MLP width, activation) is refused."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise LlmpyError(f"{path}: no config.json; a model directory needs config.json + model.safetensors") from None
-    except OSError as e:
-        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise LlmpyError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         "re-save the model") from None
-    if not isinstance(d, dict):
-        raise LlmpyError(f"{path}: expected a JSON object")
+    d = read_json_object(path, missing="no config.json; a model directory needs config.json + model.safetensors",
+                         fix="re-save the model")
     if d.get("model_type", "gpt2") != "gpt2":
         raise LlmpyError(f"{path}: model_type is {d.get('model_type')!r}, llmpy loads GPT-2 models only")
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -425,16 +436,7 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
 def read_train_state(path) -> dict:
     """train_state.json, with the fields a resume relies on checked."""
     path = Path(path)
-    try:
-        state = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise LlmpyError(f"{path}: missing; the checkpoint is incomplete") from None
-    except OSError as e:
-        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise LlmpyError(f"{path}: not valid JSON (corrupt)") from None
-    if not isinstance(state, dict):
-        raise LlmpyError(f"{path}: expected a JSON object")
+    state = read_json_object(path, missing="missing; the checkpoint is incomplete", fix="the checkpoint is corrupt")
     for key in ("step", "adam_step"):
         if type(state.get(key)) is not int or state[key] < 0:
             raise LlmpyError(f"{path}: {key!r} must be a non-negative integer, got {state.get(key)!r}")
