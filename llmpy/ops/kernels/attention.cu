@@ -1,0 +1,55 @@
+// attention.cu: the softmax of causal self-attention, for the batched-GEMM
+// attention path (the host does pre = q k^T and y = att v with cuBLAS).
+//
+// Each row (b, h, t) of the (B, NH, T, T) score matrix becomes
+//     att[t, s] = exp(pre[t, s] * scale - m) / sum_{s' <= t} exp(pre[t, s'] * scale - m),  s <= t
+//     att[t, s] = 0,                                                                       s > t
+// with scale = 1 / sqrt(hs) and m the row's max (subtracted so exp cannot
+// overflow; it cancels in the ratio). Token t sees only tokens s <= t.
+//
+// One warp per row: lanes stride over s and meet with warp shuffles.
+#include "common.cuh"
+
+// In place: att holds pre = q k^T on entry and the probabilities on exit.
+// Every element of the row is written (the masked ones with 0), so the
+// backward pass and att v never read stale values.
+extern "C" __global__ void attention_softmax_forward(floatX* att, float scale, int rows, int T) {
+    int r = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (r >= rows) return;
+    int t = r % T;                                   // query position of this row
+    floatX* row = att + (long long)r * T;
+
+    // online max / sum over the visible keys s <= t (see classifier.cu)
+    float m = NEG_INF, s = 0.0f;
+    for (int j = lane; j <= t; j += WARP_SIZE) {
+        float x = to_f(row[j]) * scale;
+        if (x > m) { s *= expf(m - x); m = x; }
+        s += expf(x - m);
+    }
+    float row_m = warp_max(m);
+    s = (m == NEG_INF) ? 0.0f : s * expf(m - row_m);
+    float total = warp_sum(s);                        // >= 1: the max term is exp(0)
+    for (int j = lane; j < T; j += WARP_SIZE)
+        row[j] = from_f(j <= t ? expf(to_f(row[j]) * scale - row_m) / total : 0.0f);
+}
+
+// In place: datt holds d(att) = dy v^T on entry and d(pre) on exit. The
+// softmax Jacobian is d att_s / d x_s' = att_s ([s == s'] - att_s'), so
+//     dx_s = att_s (datt_s - sum_s' datt_s' att_s'),   and pre -> x = pre * scale
+// gives dpre_s = scale * dx_s. Masked entries have att = 0 and get 0.
+extern "C" __global__ void attention_softmax_backward(floatX* datt, const floatX* att, float scale, int rows, int T) {
+    int r = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (r >= rows) return;
+    floatX* drow = datt + (long long)r * T;
+    const floatX* arow = att + (long long)r * T;
+
+    float dot = 0.0f;
+    for (int j = lane; j < T; j += WARP_SIZE) dot += to_f(drow[j]) * to_f(arow[j]);
+    dot = warp_sum(dot);
+    for (int j = lane; j < T; j += WARP_SIZE) {
+        float a = to_f(arow[j]);
+        drow[j] = from_f(scale * a * (to_f(drow[j]) - dot));
+    }
+}

@@ -1,0 +1,50 @@
+// classifier.cu: fused softmax + cross-entropy over the vocabulary.
+//
+//   lse_n  = log sum_v exp(logits[n, v])          (logsumexp)
+//   loss_n = lse_n - logits[n, y_n]               (= -log softmax(logits_n)[y_n])
+//   dloss_n / dlogits[n, v] = softmax_v - [v == y_n] = exp(logits[n, v] - lse_n) - [v == y_n]
+//
+// One block per row. The forward keeps lse so the backward need not redo the
+// max/sum pass, and the backward overwrites the logits with their gradient
+// (the (N, V) logits are the largest activation: no second buffer).
+#include "common.cuh"
+
+// "Online" softmax: each thread keeps a running max m and sum s of exp(x - m)
+// over its strided values; when a larger value arrives the sum is rescaled by
+// exp(m_old - m_new). Threads then agree on the block max and rescale their
+// sums to it before the block sum. One read of the row instead of two.
+extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const floatX* logits,
+                                                const long long* targets, int N, int V) {
+    __shared__ float shared[WARP_SIZE];
+    int n = blockIdx.x;
+    const floatX* row = logits + (long long)n * V;
+    float m = NEG_INF, s = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = to_f(row[v]);
+        if (x > m) { s *= expf(m - x); m = x; }
+        s += expf(x - m);
+    }
+    float block_m = block_max(m, shared);
+    s = (m == NEG_INF) ? 0.0f : s * expf(m - block_m);   // a thread with no values has s = 0
+    float total = block_sum(s, shared);
+    if (threadIdx.x == 0) {
+        float l = block_m + logf(total);
+        lse[n] = l;
+        losses[n] = l - to_f(row[targets[n]]);
+    }
+}
+
+// In place: logits[n, v] <- (exp(logits[n, v] - lse_n) - [v == y_n]) * dloss,
+// dloss the gradient of the final loss wrt every token's loss (1/N for a mean,
+// times the loss scale).
+extern "C" __global__ void crossentropy_backward(floatX* logits, const float* lse, const long long* targets,
+                                                 float dloss, int N, int V) {
+    int n = blockIdx.x;
+    floatX* row = logits + (long long)n * V;
+    float l = lse[n];
+    long long y = targets[n];
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float p = expf(to_f(row[v]) - l);
+        row[v] = from_f((p - (v == y ? 1.0f : 0.0f)) * dloss);
+    }
+}

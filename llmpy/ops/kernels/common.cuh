@@ -1,0 +1,67 @@
+// common.cuh: what every llmpy kernel file shares.
+//
+// Storage type. Activations and parameters are stored as `floatX`: float for
+// the fp32 path (the one checked against the NumPy reference), __nv_bfloat16
+// when the module is compiled with -DLLMPY_BF16. Arithmetic is always done in
+// float: values are widened on load (to_f) and rounded once on store (from_f),
+// so a bf16 run loses precision in storage only, never in the sums.
+//
+// Every file is compiled on its own (by NVRTC at run time, by nvcc in the
+// compile test), once per storage type, and exports `extern "C"` entry points
+// so the host can find them by name without C++ name mangling.
+#pragma once
+
+#ifdef LLMPY_BF16
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 floatX;
+__device__ __forceinline__ float to_f(floatX x) { return __bfloat162float(x); }
+__device__ __forceinline__ floatX from_f(float x) { return __float2bfloat16(x); }
+#else
+typedef float floatX;
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float from_f(float x) { return x; }
+#endif
+
+#define WARP_SIZE 32
+#define FULL_MASK 0xffffffffu
+// -infinity without <math.h> (NVRTC has no C library headers)
+#define NEG_INF __int_as_float(0xff800000)
+
+// Sum (or max) of one value per lane over the 32 lanes of a warp: a butterfly
+// of shuffles, after which every lane holds the result. log2(32) = 5 steps.
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int off = WARP_SIZE / 2; off > 0; off /= 2) x += __shfl_xor_sync(FULL_MASK, x, off);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+    for (int off = WARP_SIZE / 2; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, off));
+    return x;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024): each
+// warp reduces its lanes, warp totals meet in shared memory, and the first
+// warp reduces those. Every thread gets the result. `shared` holds 32 floats.
+// The order of additions is fixed by the launch shape, so the result is the
+// same bit for bit on every run (deterministic, unlike atomicAdd).
+__device__ __forceinline__ float block_sum(float x, float* shared) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const int nwarps = blockDim.x / WARP_SIZE;
+    x = warp_sum(x);
+    __syncthreads();                     // shared may still be read by a previous call
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    x = lane < nwarps ? shared[lane] : 0.0f;
+    return warp_sum(x);
+}
+
+__device__ __forceinline__ float block_max(float x, float* shared) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const int nwarps = blockDim.x / WARP_SIZE;
+    x = warp_max(x);
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    x = lane < nwarps ? shared[lane] : NEG_INF;
+    return warp_max(x);
+}
