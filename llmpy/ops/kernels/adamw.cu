@@ -8,7 +8,8 @@
 // m and v start at 0). As in the NumPy reference the last line is computed as
 //     p <- p (1 - lr wd) - step_size * m / (sqrt(v) + eps_hat),
 //     step_size = lr sqrt(bc2) / bc1,  eps_hat = eps sqrt(bc2)
-// (the same number; the host computes the scalars once per step).
+// (the same number; the host computes the scalars once per step, in double,
+// 1 - b1 and 1 - b2 included, so they round to float as the reference's do).
 //
 // Weight decay applies to some tensors only (the 2-D weights). The buffer is
 // a sequence of contiguous segments; seg_stop[i] is the end of segment i and
@@ -18,15 +19,15 @@
 
 extern "C" __global__ void adamw_update(float* param, const floatX* grad, float* m, float* v, long long n,
                                         const long long* seg_stop, const int* seg_decay, int nseg,
-                                        float beta1, float beta2, float step_size, float eps_hat,
+                                        float one_minus_b1, float one_minus_b2, float step_size, float eps_hat,
                                         float decay_factor, float grad_scale) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int s = 0;
     while (s < nseg - 1 && i >= seg_stop[s]) s++;
     float g = to_f(grad[i]) * grad_scale;
-    float mi = m[i] + (1.0f - beta1) * (g - m[i]);
-    float vi = v[i] + (1.0f - beta2) * (g * g - v[i]);
+    float mi = m[i] + one_minus_b1 * (g - m[i]);
+    float vi = v[i] + one_minus_b2 * (g * g - v[i]);
     m[i] = mi;
     v[i] = vi;
     float p = param[i];
