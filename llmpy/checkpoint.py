@@ -314,21 +314,55 @@ def load(path, device: str = "cpu"):
 CKPT_PREFIX = "ckpt_"
 
 
-def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: dict, keep: int = 0) -> Path:
+def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: dict, keep: int = 0,
+                             comm=None) -> Path:
     """out_dir/ckpt_<step>/ with the model (HF), optimizer state, train_state.json
-    and manifest.json. Built under a temporary name and renamed into place."""
+    and manifest.json. Built under a temporary name and renamed into place.
+
+    With a communicator and a sharded optimizer (ZeRO-1) every rank calls this:
+    each rank writes its own slice of AdamW's state (optimizer.rank<r>.safetensors),
+    rank 0 the model and train_state.json, which lists the slices. Otherwise
+    only rank 0 calls it and optimizer.safetensors holds all of m and v."""
     from safetensors.numpy import save_file
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
-    if not np.isfinite(_host_flat(model)).all():
-        raise LlmpyError(f"step {step}: the weights contain NaN or inf; not writing a checkpoint of them")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp"))
+    sharded = comm is not None and optimizer.shard is not None
+    rank = comm.rank if sharded else 0
+    xp = model.xp
+    host = (lambda a: a) if xp is np else xp.asnumpy
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not np.isfinite(_host_flat(model)).all():
+            raise LlmpyError(f"step {step}: the weights contain NaN or inf; not writing a checkpoint of them")
+    if not sharded:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp"))
+    else:
+        # every rank must find the directory: a fixed name, made by rank 0
+        tmp = out_dir / f".{final.name}.ranks.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        comm.barrier()
     try:
+        if sharded:
+            name = f"optimizer.rank{rank:05d}.safetensors"
+            # (no safetensors metadata: its key order is not stable, and the
+            # bounds are in train_state.json)
+            save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / name))
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+            comm.barrier()                      # every slice is on disk
+            if rank != 0:
+                comm.barrier()                  # wait until rank 0 has published the checkpoint
+                return final
+            n = model.params.flat.size
+            from .dist import shard_bounds
+            train_state = dict(train_state, optimizer_shards=[
+                {"file": f"optimizer.rank{r:05d}.safetensors", "start": a, "stop": b}
+                for r in range(comm.world_size) for a, b in [shard_bounds(n, r, comm.world_size)]])
+        else:
+            save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / "optimizer.safetensors"))
         save_model(model, tmp)
-        xp = model.xp
-        host = (lambda a: a) if xp is np else xp.asnumpy
-        save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / "optimizer.safetensors"))
         slow_write_hook()
         atomic_write_json(tmp / "train_state.json", dict(train_state, step=step, adam_step=optimizer.step_count))
         files = sorted(p.name for p in tmp.iterdir())
@@ -349,6 +383,8 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
     if keep and keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             _remove_checkpoint(old)
+    if sharded:
+        comm.barrier()
     return final
 
 
@@ -397,9 +433,11 @@ def verify_checkpoint(path) -> str | None:
         return "manifest.json is unreadable"
     if not isinstance(files, dict) or not files:
         return "manifest.json lists no files"
-    for name in ("model.safetensors", "optimizer.safetensors", "train_state.json"):
+    for name in ("model.safetensors", "train_state.json"):
         if name not in files:
             return f"manifest.json does not list {name}"
+    if "optimizer.safetensors" not in files and not any(_SHARD_FILE.match(name) for name in files):
+        return "manifest.json lists no optimizer state (optimizer.safetensors or optimizer.rank*.safetensors)"
     for name, meta in files.items():
         if not isinstance(meta, dict) or "/" in name or "\\" in name or name in ("", ".", ".."):
             return f"manifest.json has a malformed entry {name!r}"
@@ -415,22 +453,56 @@ def verify_checkpoint(path) -> str | None:
 
 def load_training_checkpoint(path, model, optimizer) -> dict:
     """Restore model weights and optimizer state in place; returns train_state.
-    Everything is checked before anything is changed."""
+    Everything is checked before anything is changed.
+
+    The optimizer gets the part of m and v it keeps: all of it, or its slice
+    (ZeRO-1), read from optimizer.safetensors or from the slices a sharded
+    run wrote, whatever the world size was: state saved by 4 ranks loads into
+    2 or 1 and the other way round."""
     path = Path(path)
     sd = read_safetensors(path / "model.safetensors")
     _check_float_tensors(sd, path / "model.safetensors")
     from .model import from_hf
     host = from_hf(sd, model.config, source=str(path / "model.safetensors"))
-    opt = read_safetensors(path / "optimizer.safetensors")
-    for k in ("m", "v"):
-        if k not in opt or opt[k].shape != tuple(optimizer.m.shape) or opt[k].dtype != np.float32:
-            raise LlmpyError(f"{path / 'optimizer.safetensors'}: optimizer state {k!r} is missing or does not "
-                             f"match this model ({optimizer.m.shape[0]} float32 values)")
     state = read_train_state(path / "train_state.json")
+    n = model.params.flat.size
+    lo, hi = optimizer.shard or (0, n)
+    m, v = (_read_optimizer_slice(path, state, n, lo, hi, k) for k in ("m", "v"))
     model.params.flat[:] = model.xp.asarray(host.flat)
-    optimizer.load_state_dict({"m": model.xp.asarray(opt["m"]), "v": model.xp.asarray(opt["v"]),
-                               "step": state["adam_step"]})
+    optimizer.load_state_dict({"m": model.xp.asarray(m), "v": model.xp.asarray(v), "step": state["adam_step"]})
     return state
+
+
+_SHARD_FILE = re.compile(r"^optimizer\.rank\d+\.safetensors$")
+
+
+def _read_optimizer_slice(path: Path, state: dict, n: int, lo: int, hi: int, key: str) -> np.ndarray:
+    """Values [lo, hi) of optimizer state `key` ("m" or "v"), from optimizer.safetensors
+    or from the slices listed in train_state.json, reading only what is needed."""
+    from safetensors import SafetensorError, safe_open
+    pieces = state.get("optimizer_shards") or [{"file": "optimizer.safetensors", "start": 0, "stop": n}]
+    if pieces[-1]["stop"] != n:
+        raise LlmpyError(f"{path / 'train_state.json'}: the optimizer state covers {pieces[-1]['stop']} values, "
+                         f"this model has {n}; was it saved for another model?")
+    out = np.empty(hi - lo, dtype=np.float32)
+    for piece in pieces:
+        a, b = max(lo, piece["start"]), min(hi, piece["stop"])
+        if a >= b:
+            continue
+        f = path / piece["file"]
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                t = st.get_slice(key)
+                size = t.get_shape()
+                if size != [piece["stop"] - piece["start"]] or t.get_dtype() != "F32":
+                    raise LlmpyError(f"{f}: optimizer state {key!r} is {t.get_dtype()} of shape {size}, expected "
+                                     f"F32 of [{piece['stop'] - piece['start']}]; the checkpoint is corrupt")
+                out[a - lo:b - lo] = t[a - piece["start"]:b - piece["start"]]
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LlmpyError(f"{f}: optimizer state {key!r} is missing or unreadable ({why}); "
+                             f"the checkpoint is incomplete") from None
+    return out
 
 
 def read_train_state(path) -> dict:
@@ -440,6 +512,14 @@ def read_train_state(path) -> dict:
     for key in ("step", "adam_step"):
         if type(state.get(key)) is not int or state[key] < 0:
             raise LlmpyError(f"{path}: {key!r} must be a non-negative integer, got {state.get(key)!r}")
+    shards = state.get("optimizer_shards")
+    if shards is not None:
+        ok = isinstance(shards, list) and shards and all(
+            isinstance(p, dict) and isinstance(p.get("file"), str) and _SHARD_FILE.match(p["file"])
+            and type(p.get("start")) is int and type(p.get("stop")) is int for p in shards)
+        if not ok or shards[0]["start"] != 0 or any(a["stop"] != b["start"] for a, b in zip(shards, shards[1:])):
+            raise LlmpyError(f"{path}: 'optimizer_shards' must list optimizer.rank*.safetensors files with "
+                             f"contiguous start/stop; the checkpoint is corrupt")
     loader = state.get("loader")
     if not isinstance(loader, dict) or any(type(loader.get(k)) is not int for k in ("epoch", "position")):
         raise LlmpyError(f"{path}: 'loader' (the data position: epoch, position) is missing or malformed")

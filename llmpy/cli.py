@@ -47,6 +47,13 @@ def _train_parser(sub):
                    help="skip a step whose loss or gradient norm is NaN/inf instead of stopping")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("multi-process training (start with mpirun -np N llmpy train ...)")
+    g.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
+                   help="0: every rank keeps all of AdamW's state; 1: each rank keeps (and updates) one slice")
+    g.add_argument("--dist", default=d.dist, choices=["auto", "mpi", "nccl"],
+                   help="communicator: auto = MPI on CPU ranks / NCCL on GPUs when started by mpirun or srun")
+    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="seconds a rank waits for the others in one collective before it gives up (0: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:

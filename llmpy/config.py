@@ -87,6 +87,9 @@ class TrainConfig:
     skip_nonfinite: bool = False        # skip a step whose loss or gradient norm is NaN/inf instead of stopping
     seed: int = 0
     progress: bool = True               # progress bar (off: one line per val/sample)
+    zero_stage: int = 0                 # multi-process: 0 replicates AdamW state, 1 shards it over the ranks
+    dist: str = "auto"                  # communicator: auto (MPI/NCCL under mpirun, else none), mpi, nccl
+    dist_timeout: float = 1800.0        # seconds one collective may wait for the other ranks (0: for ever)
 
     def to_dict(self) -> dict:
         return asdict(self)

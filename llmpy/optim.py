@@ -20,20 +20,34 @@ CHUNK = 1 << 17          # 128K floats = 512 KB per array (measured best: fewer 
 
 class AdamW:
     """AdamW (decoupled weight decay, as torch.optim.AdamW) on a model's flat buffers.
-    Weight decay applies to the 2-D weight matrices only (model.DECAYED)."""
+    Weight decay applies to the 2-D weight matrices only (model.DECAYED).
 
-    def __init__(self, model, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, threads=None):
+    shard=(start, stop) updates only that slice of the flat buffer and keeps m
+    and v for it alone (ZeRO stage 1: each rank owns one slice, see dist.py);
+    m[i] and v[i] then belong to parameter start + i. The decay segments are
+    cut at the slice's ends, so a slice that starts inside a weight matrix
+    still decays exactly the values it would decay unsharded."""
+
+    def __init__(self, model, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, threads=None, shard=None):
         self.model = model
         self.ops = model.ops
         self.lr, self.beta1, self.beta2, self.eps, self.weight_decay = lr, betas[0], betas[1], eps, weight_decay
         n = model.params.flat.size
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
+        lo, hi = (0, n) if shard is None else self.shard
+        if not 0 <= lo <= hi <= n:
+            raise LlmpyError(f"AdamW: shard {shard} is not a slice of the {n} parameters")
+        self.offset = lo                 # m[i], v[i] belong to parameter offset + i
         xp = model.xp
-        self.m = xp.zeros(n, dtype=np.float32)
-        self.v = xp.zeros(n, dtype=np.float32)
+        self.m = xp.zeros(hi - lo, dtype=np.float32)
+        self.v = xp.zeros(hi - lo, dtype=np.float32)
         self.step_count = 0
-        # contiguous runs of the flat buffer with the same decay setting
+        # contiguous runs of the (owned part of the) flat buffer with the same decay setting
         self.segments = []
         for name, start, stop in model.params.segments():
+            start, stop = max(start, lo), min(stop, hi)
+            if start >= stop:
+                continue
             decay = name in DECAYED
             if self.segments and self.segments[-1][2] == decay and self.segments[-1][1] == start:
                 self.segments[-1] = (self.segments[-1][0], stop, decay)
@@ -57,12 +71,12 @@ class AdamW:
         self.step_count += 1
         lr = self.lr if lr is None else lr
         p, g = self.model.params.flat, self.model.grads.flat
-        ops = self.ops
+        ops, o = self.ops, self.offset
 
         def work(i):
             scratch = self._scratch[i]
             for s, e, decay in self.chunks[i::self.threads]:
-                ops.adamw_update(p[s:e], g[s:e], self.m[s:e], self.v[s:e], lr, self.beta1, self.beta2,
+                ops.adamw_update(p[s:e], g[s:e], self.m[s - o:e - o], self.v[s - o:e - o], lr, self.beta1, self.beta2,
                                  self.eps, self.weight_decay if decay else 0.0, self.step_count, scratch,
                                  grad_scale)
 

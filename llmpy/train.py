@@ -10,6 +10,20 @@ a checkpoint is written (and at the end). `--resume` restores the newest
 checkpoint that verifies and continues bitwise-identically: the weights, AdamW
 state, step and the DataLoader's position are all in it, and nothing else in
 the loop is random (sampling draws from its own seeded generator).
+
+Several processes (`mpirun -np N llmpy train ...`, see dist.py) train one
+model data-parallel: rank r reads windows of its own (the DataLoader splits
+each global batch of B * N windows), each rank runs its grad_accum
+micro-steps with loss scale 1 / (grad_accum * N), and once per optimizer
+step the gradients are summed over the ranks, which makes them the mean over
+all N * grad_accum micro-batches, as one process with the same total batch
+would compute. With --zero-stage 0 every rank all-reduces every gradient and
+updates every parameter (identically). With --zero-stage 1 each rank owns one
+slice of the flat buffer: the gradients are reduce-scattered (each rank gets
+the sum of its slice only), each rank updates its slice with the AdamW state
+it alone keeps, and the parameters are all-gathered; the same bytes travel as
+with an all-reduce, and AdamW's m and v take 1/N of the memory. Rank 0 prints,
+logs, evaluates, samples and writes the model; the others stay quiet.
 """
 from __future__ import annotations
 
@@ -22,15 +36,19 @@ from pathlib import Path
 
 
 from . import checkpoint as ckpt
-from . import evals
+from . import dist, evals
 from .config import PRESETS, TrainConfig, preset
 from .errors import LlmpyError
 from .model import GPT
 from .optim import AdamW, clip_scale, global_norm, lr_at
 
 
+_QUIET = False          # set on ranks other than 0: only rank 0 prints
+
+
 def log(msg: str):
-    print(msg, flush=True)
+    if not _QUIET:
+        print(msg, flush=True)
 
 
 # ---------------------------------------------------------------------- set-up pieces
@@ -78,6 +96,8 @@ def check_config(tc: TrainConfig):
         raise LlmpyError(f"--dtype {tc.dtype} is not available on the CPU; the CPU path is fp32")
     if tc.lr_schedule not in ("cosine", "linear", "constant"):
         raise LlmpyError(f"--lr-schedule {tc.lr_schedule!r}: use cosine, linear or constant")
+    if tc.zero_stage not in (0, 1):
+        raise LlmpyError(f"--zero-stage {tc.zero_stage}: use 0 (replicated AdamW state) or 1 (sharded over ranks)")
 
 
 def sample_text(model: GPT, tokenizer, n_tokens: int, seed: int) -> str:
@@ -127,31 +147,44 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
 
 def train(tc: TrainConfig) -> dict:
     """Run training; returns a summary dict (final loss, val loss, out dir, ...)."""
+    global _QUIET
     from .data.shards import DataLoader
     check_config(tc)
+    comm = dist.make_communicator(tc.dist, tc.device, tc.dist_timeout)
+    world, root = comm.world_size, comm.rank == 0
+    _QUIET = not root
     out = Path(tc.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    if root:
+        out.mkdir(parents=True, exist_ok=True)
+    if tc.data is None and not root:
+        comm.barrier()                 # rank 0 prepares the default corpus once
     train_pattern, val_pattern = resolve_data(tc)
+    if tc.data is None and root:
+        comm.barrier()
     model = build_model(tc)
     if tc.seq_len > model.config.block_size:
         raise LlmpyError(f"--seq-len {tc.seq_len} exceeds the model's block_size {model.config.block_size}")
-    accum = grad_accum_steps(tc)
-    optimizer = AdamW(model, lr=tc.lr, weight_decay=tc.weight_decay)
-    loader = DataLoader(train_pattern, tc.batch_size, tc.seq_len, seed=tc.seed)
-    val_loader = DataLoader(val_pattern, tc.batch_size, tc.seq_len, shuffle=False) if val_pattern else None
+    comm.broadcast(model.params.flat, root=0)      # every rank starts from rank 0's weights
+    accum = grad_accum_steps(tc, world)
+    shard = comm.bounds(model.params.flat.size) if tc.zero_stage == 1 else None
+    optimizer = AdamW(model, lr=tc.lr, weight_decay=tc.weight_decay, shard=shard)
+    loader = DataLoader(train_pattern, tc.batch_size, tc.seq_len, rank=comm.rank, world_size=world, seed=tc.seed)
+    val_loader = DataLoader(val_pattern, tc.batch_size, tc.seq_len, shuffle=False) if val_pattern and root else None
 
     start = 0
     if tc.resume:
-        start = _resume(out, model, optimizer, loader)
-    records = _read_log(out / "log.jsonl", start)
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    logf = open(out / "log.jsonl", "a")
+        start = _resume(out, model, optimizer, loader, comm, tc)
+    records, logf = [], None
+    if root:
+        records = _read_log(out / "log.jsonl", start)
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        logf = open(out / "log.jsonl", "a")
 
-    tokens_per_step = tc.batch_size * tc.seq_len * accum
+    tokens_per_step = tc.batch_size * tc.seq_len * accum * world
+    ranks = f" x {world} ranks ({comm.name}, ZeRO-{tc.zero_stage})" if world > 1 else ""
     log(f"llmpy train: model {tc.model} ({model.num_parameters / 1e6:.1f}M params, "
         f"L={model.config.n_layer} H={model.config.n_head} C={model.config.n_embd}), device {tc.device}, "
-        f"B={tc.batch_size} T={tc.seq_len} accum={accum} ({tokens_per_step} tokens/step), "
+        f"B={tc.batch_size} T={tc.seq_len} accum={accum}{ranks} ({tokens_per_step} tokens/step), "
         f"steps {start}->{tc.steps}, data {train_pattern} ({loader.num_tokens:,} tokens), out {out}")
 
     from .data.tokenizer import Tokenizer
@@ -159,7 +192,7 @@ def train(tc: TrainConfig) -> dict:
 
     last_stop = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
     bar = None
-    if tc.progress and last_stop > start:
+    if tc.progress and last_stop > start and root:
         from tqdm import tqdm
         bar = tqdm(total=last_stop, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
     loss = val_loss = float("nan")
@@ -173,9 +206,14 @@ def train(tc: TrainConfig) -> dict:
             for _ in range(accum):
                 x, y = loader.next_batch()
                 _, micro_loss = model.forward(x, y)
-                model.backward(loss_scale=1.0 / accum)
+                model.backward(loss_scale=1.0 / (accum * world))
                 loss += micro_loss / accum
-            norm = global_norm(model) if math.isfinite(loss) else float("nan")
+            _test_hooks(step, comm)
+            if world > 1:
+                loss = comm.all_reduce_scalar(loss) / world       # the mean over all ranks
+                norm = _sync_gradients(model, optimizer, comm, tc.zero_stage)
+            else:
+                norm = global_norm(model) if math.isfinite(loss) else float("nan")
             problem = (f"the loss is {loss}" if not math.isfinite(loss) else
                        f"the gradient norm is {norm}" if not math.isfinite(norm) else None)
             if problem:
@@ -189,9 +227,11 @@ def train(tc: TrainConfig) -> dict:
                 if bar is not None:
                     bar.update(1)
                 if checkpoint_due:
-                    _checkpoint(tc, out, step, model, optimizer, loader)
+                    _checkpoint(tc, out, step, model, optimizer, loader, comm)
                 continue
             optimizer.step(lr, grad_scale=clip_scale(norm, tc.grad_clip))
+            if optimizer.shard is not None:
+                comm.all_gather(model.params.flat)      # every rank's updated slice to every rank
             ms = (time.perf_counter() - t0) * 1000
             rec = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
                    "ms": round(ms, 2), "tokens_per_s": round(tokens_per_step / (ms / 1000), 1)}
@@ -199,25 +239,32 @@ def train(tc: TrainConfig) -> dict:
                 val_loss = evals.val_loss(model, val_loader, tc.val_steps)
                 rec["val_loss"] = round(val_loss, 6)
             records.append(rec)
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            if logf is not None:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
             if bar is not None:
                 bar.set_postfix_str(f"loss {loss:.4f} val {val_loss:.4f} lr {lr:.2e} "
                                     f"{rec['tokens_per_s']:.0f} tok/s", refresh=False)
                 bar.update(1)
             elif "val_loss" in rec or step == start + 1:
                 log(f"step {step}/{tc.steps} loss {loss:.4f} val {val_loss:.4f} {rec['tokens_per_s']:.0f} tok/s")
-            if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps:
+            if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps and root:
                 _print(bar, f"--- sample at step {step} ---\n{sample_text(model, tokenizer, tc.sample_tokens, step)}\n---")
             if checkpoint_due:
-                _checkpoint(tc, out, step, model, optimizer, loader)
-                plot_losses(records, out / "loss.png")
+                _checkpoint(tc, out, step, model, optimizer, loader, comm)
+                if root:
+                    plot_losses(records, out / "loss.png")
     finally:
         if bar is not None:
             bar.close()
-        logf.close()
+        if logf is not None:
+            logf.close()
 
-    summary = {"out": str(out), "steps": last_stop, "loss": loss, "val_loss": val_loss}
+    summary = {"out": str(out), "steps": last_stop, "loss": loss, "val_loss": val_loss, "rank": comm.rank}
+    comm.barrier()
+    comm.close()
+    if not root:
+        return summary
     if records:
         plot_losses(records, out / "loss.png")
         summary["first_loss"] = records[0]["loss"]
@@ -236,28 +283,78 @@ def _print(bar, text):
         log(text)
 
 
-def _checkpoint(tc, out, step, model, optimizer, loader):
+def _sync_gradients(model, optimizer, comm, zero_stage: int) -> float:
+    """Sum the gradients over the ranks (each rank's are already scaled by
+    1 / (accum * world), so the sum is the mean); returns the global norm.
+    ZeRO-0: all-reduce all of them. ZeRO-1: reduce-scatter, so each rank
+    holds the sum of its own slice only; the norm is then the square root of
+    the all-reduced sums of squares of the slices."""
+    g = model.grads.flat
+    if zero_stage == 0:
+        comm.all_reduce(g)
+        return global_norm(model)
+    comm.reduce_scatter(g)
+    lo, hi = optimizer.shard
+    return math.sqrt(comm.all_reduce_scalar(float(model.ops.sum_of_squares(g[lo:hi]))))
+
+
+def _test_hooks(step: int, comm):
+    """For tests of a lost rank: the last rank exits (LLMPY_TEST_DIE_AT_STEP)
+    or hangs (LLMPY_TEST_HANG_AT_STEP) at that step, before the gradient sync."""
+    if comm.world_size == 1 or comm.rank != comm.world_size - 1:
+        return
+    if os.environ.get("LLMPY_TEST_DIE_AT_STEP") == str(step):
+        print(f"rank {comm.rank}: LLMPY_TEST_DIE_AT_STEP={step}: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+    if os.environ.get("LLMPY_TEST_HANG_AT_STEP") == str(step):
+        print(f"rank {comm.rank}: LLMPY_TEST_HANG_AT_STEP={step}: hanging", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _checkpoint(tc, out, step, model, optimizer, loader, comm):
     state = {"loader": loader.state_dict(), "train_config": tc.to_dict(),
-             "model_config": model.config.to_dict()}
-    ckpt.save_training_checkpoint(out, step, model, optimizer, state, keep=tc.keep)
+             "model_config": model.config.to_dict(), "world_size": comm.world_size, "zero_stage": tc.zero_stage}
+    if optimizer.shard is not None:         # ZeRO-1: every rank writes its slice of AdamW's state
+        ckpt.save_training_checkpoint(out, step, model, optimizer, state, keep=tc.keep, comm=comm)
+    elif comm.rank == 0:                    # otherwise every rank holds the same state: rank 0 writes it
+        ckpt.save_training_checkpoint(out, step, model, optimizer, state, keep=tc.keep)
+    comm.barrier()
 
 
-def _resume(out: Path, model, optimizer, loader) -> int:
-    """Restore the newest checkpoint that verifies; returns its step (0: none)."""
-    for p in ckpt.remove_stale_temporaries(out):
-        log(f"resume: removed {p}, left behind by an interrupted run")
-    found = ckpt.list_checkpoints(out)
-    for path in reversed(found):
-        problem = ckpt.verify_checkpoint(path)
-        if problem:
-            log(f"resume: skipping {path}: {problem}")
-            continue
-        state = ckpt.load_training_checkpoint(path, model, optimizer)
-        try:
-            loader.load_state_dict(state["loader"])
-        except LlmpyError as e:
-            raise LlmpyError(f"{path / 'train_state.json'}: {e}") from None
-        log(f"resume: continuing from {path} (step {state['step']})")
-        return int(state["step"])
-    log(f"resume: no checkpoint in {out}; starting from step 0")
-    return 0
+def _resume(out: Path, model, optimizer, loader, comm, tc) -> int:
+    """Restore the newest checkpoint that verifies; returns its step (0: none).
+    Rank 0 picks it and tells the others, which then load the same one."""
+    import numpy as np
+    chosen = np.zeros(1, dtype=np.int64)
+    if comm.rank == 0:
+        for p in ckpt.remove_stale_temporaries(out):
+            log(f"resume: removed {p}, left behind by an interrupted run")
+        for path in reversed(ckpt.list_checkpoints(out)):
+            problem = ckpt.verify_checkpoint(path)
+            if problem:
+                log(f"resume: skipping {path}: {problem}")
+                continue
+            chosen[0] = int(path.name[len(ckpt.CKPT_PREFIX):])
+            break
+    comm.broadcast(chosen, root=0)
+    if not chosen[0]:
+        log(f"resume: no checkpoint in {out}; starting from step 0")
+        return 0
+    path = out / f"{ckpt.CKPT_PREFIX}{int(chosen[0]):08d}"
+    state = ckpt.load_training_checkpoint(path, model, optimizer)
+    try:
+        loader.load_state_dict(state["loader"])
+    except LlmpyError as e:
+        raise LlmpyError(f"{path / 'train_state.json'}: {e}") from None
+    was_world, was_zero = state.get("world_size", 1), state.get("zero_stage", 0)
+    if (was_world, was_zero) != (comm.world_size, tc.zero_stage):
+        # The AdamW state is re-cut for the new slices (load_training_checkpoint
+        # reads whatever slices the checkpoint has), and the data continues from
+        # the same global position; but with another number of ranks the batches
+        # group differently, so the run is no longer identical to one that was
+        # never stopped.
+        log(f"resume: {path} was written by {was_world} rank(s) with ZeRO-{was_zero}, this run has "
+            f"{comm.world_size} with ZeRO-{tc.zero_stage}: AdamW state re-sharded; training continues, "
+            f"but not bitwise as an uninterrupted {was_world}-rank run would")
+    log(f"resume: continuing from {path} (step {state['step']})")
+    return int(state["step"])
