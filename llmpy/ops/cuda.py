@@ -164,10 +164,18 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
 # C- or F-contiguous out): beta = 1 is gradient accumulation without a
 # temporary. Next step: cuBLASLt with the bias in the epilogue.
 
+def _gemm(*args, **kwargs):
+    # cupy.cublas is a submodule `import cupy` does not load, and loading it
+    # needs libcublas: imported on first use, so this module (and the NVRTC
+    # compile test, which reads _source) imports where only NVRTC is installed.
+    import cupy.cublas
+    return cupy.cublas.gemm(*args, **kwargs)
+
+
 def matmul_forward(out, inp, weight, bias):
     # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None
     _f32(out, inp, weight, bias)
-    cupy.cublas.gemm("N", "T", inp, weight, out=out)
+    _gemm("N", "T", inp, weight, out=out)
     if bias is not None:
         out += bias
 
@@ -176,8 +184,8 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True):
     # dinp = dout @ W (N, C);  dW (+)= dout^T @ inp (OC, C);  db (+)= sum_n dout (OC,)
     _f32(dinp, dweight, dbias, dout, inp, weight)
     if dinp is not None:
-        cupy.cublas.gemm("N", "N", dout, weight, out=dinp)
-    cupy.cublas.gemm("T", "N", dout, inp, out=dweight, beta=1.0 if acc else 0.0)
+        _gemm("N", "N", dout, weight, out=dinp)
+    _gemm("T", "N", dout, inp, out=dweight, beta=1.0 if acc else 0.0)
     if dbias is not None:
         if acc:
             dbias += dout.sum(axis=0)
