@@ -73,6 +73,16 @@ class AdamW:
         p, g = self.model.params.flat, self.model.grads.flat
         ops, o = self.ops, self.offset
 
+        if hasattr(ops, "adamw_step_flat"):
+            # GPU backend: one fused kernel over the whole owned slice (no
+            # cache to chunk for); segments relative to the slice say where to decay.
+            hi = o + self.m.shape[0]
+            if hi > o:
+                segments = [(s - o, e - o, d) for s, e, d in self.segments]
+                ops.adamw_step_flat(p[o:hi], g[o:hi], self.m, self.v, segments, lr, self.beta1, self.beta2,
+                                    self.eps, self.weight_decay, self.step_count, grad_scale)
+            return
+
         def work(i):
             scratch = self._scratch[i]
             for s, e, decay in self.chunks[i::self.threads]:
