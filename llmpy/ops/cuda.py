@@ -71,6 +71,12 @@ def _kernel(filename: str, kernel: str) -> cupy.RawKernel:
     return mod.get_function(kernel)
 
 
+def synchronize():
+    """Wait for every kernel queued so far (kernels run asynchronously: time a
+    step only after this)."""
+    cupy.cuda.get_current_stream().synchronize()
+
+
 def _blocks(n: int, per_block: int = _BLOCK) -> int:
     return max(1, (n + per_block - 1) // per_block)
 
