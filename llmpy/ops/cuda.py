@@ -316,7 +316,7 @@ def sum_of_squares(x):
     out = cupy.empty(1, dtype=cupy.float64)
     _kernel("norm.cu", "sum_of_squares_partial")((nblocks,), (_BLOCK,), (partial, x, i64(x.size)))
     _kernel("norm.cu", "sum_of_squares_final")((1,), (32,), (out, partial, i32(nblocks)))
-    return float(out.get()[0])
+    return float(out[0])
 
 
 _segment_tables: dict[tuple, tuple] = {}
