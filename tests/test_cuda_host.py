@@ -7,6 +7,9 @@ launch against the kernel's `extern "C"` signature in kernels/*.cu (number
 of arguments, pointer dtypes, int / long long / float scalars, block size)
 and then does what the kernel's comment says it does.
 
+CuPy need not be installed: where it is missing, a stand-in module is put
+in its place while llmpy.ops.cuda is imported (and both are removed again).
+
 This catches what is most easily got wrong between Python and CUDA C
 (argument order, a dtype the kernel reads with the wrong width, a missing
 scalar) and checks the host glue (views, in-place writes, acc flags, the
@@ -16,8 +19,10 @@ is tests/test_cuda_ops.py, on a GPU.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -26,8 +31,6 @@ import pytest
 
 from llmpy.config import GPTConfig
 from llmpy.ops import cpu
-
-pytest.importorskip("cupy", reason="llmpy.ops.cuda imports CuPy (it imports without a GPU)")
 
 KERNELS = Path(__file__).resolve().parent.parent / "llmpy" / "ops" / "kernels"
 
@@ -198,9 +201,26 @@ def test_every_kernel_has_a_standin():
 
 # ---------------------------------------------------------------------------- the backend on NumPy
 
+def _numpy_as_cupy():
+    """A module that answers the CuPy calls cuda.py makes, with NumPy."""
+    fake = types.ModuleType("cupy")
+    fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    return fake
+
+
 @pytest.fixture
 def cuda(monkeypatch):
-    from llmpy.ops import cuda as cuda_mod
+    import llmpy.ops
+    fake_cupy = _numpy_as_cupy()
+    try:
+        import cupy  # noqa: F401  (installed: cuda.py imports as it is, without a GPU)
+        cuda_mod, imported_here = importlib.import_module("llmpy.ops.cuda"), False
+    except ImportError:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "cupy", fake_cupy)
+            cuda_mod, imported_here = importlib.import_module("llmpy.ops.cuda"), True
+    monkeypatch.setattr(llmpy.ops, "cuda", cuda_mod, raising=False)   # what get_backend("cuda") returns
 
     def kernel(filename, name):
         assert (KERNELS / filename).exists()
@@ -218,14 +238,14 @@ def cuda(monkeypatch):
         out[...] = alpha * (A @ B) + (beta * out if beta else 0.0)
         return out
 
-    fake_cupy = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    fake_cupy.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
     monkeypatch.setattr(cuda_mod, "cupy", fake_cupy)
     monkeypatch.setattr(cuda_mod, "xp", np)
     monkeypatch.setattr(cuda_mod, "_kernel", kernel)
     monkeypatch.setattr(cuda_mod, "_gemm", gemm)
     monkeypatch.setattr(cuda_mod, "_segment_tables", {})
-    return cuda_mod
+    yield cuda_mod
+    if imported_here:   # imported against the stand-in: forget it, so nothing else sees it
+        sys.modules.pop("llmpy.ops.cuda", None)
 
 
 def rel_err(a, b):
