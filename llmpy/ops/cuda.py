@@ -26,8 +26,9 @@ it with -DLLMPY_BF16, see kernels/common.cuh).
 Numerics: fp32 storage and fp32 arithmetic. cuBLAS runs true fp32 GEMMs here
 (CuPy leaves TF32 off unless CUPY_TF32=1 is set), so results match the NumPy
 reference to ~1e-6 relative: only the order of additions differs. Every
-reduction here has a fixed order (no atomics), so a run is repeatable bit for
-bit on the same GPU.
+reduction here has a fixed order (no atomics, the encoder's scatter-add
+included), so a run is meant to repeat bit for bit on the same GPU
+(tests/test_cuda_ops.py checks it).
 """
 from __future__ import annotations
 
