@@ -274,7 +274,7 @@ def _from_hub(name: str) -> Path:
         raise LlmpyError(f"{need_local}; fetching it from the Hugging Face hub failed ({why[:160]})") from None
 
 
-def load(path, device: str = "cpu"):
+def load(path, device: str = "cpu", dtype: str = "fp32"):
     """A GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors,
     or pytorch_model.bin when torch is installed), an llm.c model file, or a
     Hugging Face hub name such as "gpt2" (downloaded when online)."""
@@ -290,8 +290,9 @@ def load(path, device: str = "cpu"):
     if path.is_file():
         from .llmc import read_model
         cfg, flat = read_model(path)
-        model = GPT(cfg, device=device, init=False)
+        model = GPT(cfg, device=device, init=False, dtype=dtype)
         model.params.flat[:] = model.xp.asarray(flat)
+        model.params_updated()
         return model
     cfg = read_hf_config(path / "config.json")
     if (path / "model.safetensors").exists():
@@ -304,7 +305,7 @@ def load(path, device: str = "cpu"):
         raise LlmpyError(f"{path}: no model.safetensors (or pytorch_model.bin) in this directory")
     _check_float_tensors(sd, weights)
     check_shapes(sd, cfg, weights)
-    model = GPT(cfg, device=device, init=False)
+    model = GPT(cfg, device=device, init=False, dtype=dtype)
     model.load_state_dict(sd, source=str(weights))
     return model
 
@@ -469,6 +470,7 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     lo, hi = optimizer.shard or (0, n)
     m, v = (_read_optimizer_slice(path, state, n, lo, hi, k) for k in ("m", "v"))
     model.params.flat[:] = model.xp.asarray(host.flat)
+    model.params_updated()
     optimizer.load_state_dict({"m": model.xp.asarray(m), "v": model.xp.asarray(v), "step": state["adam_step"]})
     return state
 

@@ -262,6 +262,8 @@ class NCCLComm(Communicator):
         t = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
              np.dtype(np.float16): nccl.NCCL_FLOAT16, np.dtype(np.int64): nccl.NCCL_INT64,
              np.dtype(np.int32): nccl.NCCL_INT32, np.dtype(np.int8): nccl.NCCL_INT8}
+        if np.dtype(buf.dtype).name == "bfloat16":        # ml_dtypes.bfloat16: ncclBfloat16 = 9
+            return getattr(nccl, "NCCL_BFLOAT16", 9)
         return t[np.dtype(buf.dtype)]
 
     def _on_comm_stream(self, fn):

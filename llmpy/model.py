@@ -6,6 +6,13 @@ named view per tensor (llm.c's order and layouts, so an llm.c file is this
 buffer plus a header); gradients, and AdamW's m and v, use the same layout.
 Activations for a given (B, T) are allocated once and reused every step.
 
+Precision: `dtype="fp32"` keeps everything in float32 (the CPU reference and
+the CUDA path checked against it). `dtype="bf16"` (CUDA) is mixed precision:
+`params` stays the float32 master copy that AdamW updates and checkpoints
+save, the ops read `compute_params`, a bfloat16 copy of it, and activations
+and gradients are bfloat16 too; only the statistics that feed divisions and
+logs (layernorm mean/rstd, logsumexp, losses) stay float32.
+
 One transformer block (x is the residual stream, shape (B, T, C)):
     x = x + attproj(attention(qkv(layernorm1(x))))
     x = x + fcproj(gelu(fc(layernorm2(x))))
@@ -72,26 +79,26 @@ class FlatTensors:
 class Activations:
     """Everything the forward pass keeps for the backward pass, for one (B, T)."""
 
-    def __init__(self, cfg: GPTConfig, B: int, T: int, xp):
+    def __init__(self, cfg: GPTConfig, B: int, T: int, xp, dtype=np.float32):
         L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
         N = B * T
-        f32 = np.float32
-        z = lambda *shape: xp.empty(shape, dtype=f32)  # noqa: E731
+        z = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731  storage type of the activations
+        f32 = lambda *shape: xp.empty(shape, dtype=np.float32)  # noqa: E731  statistics stay float32
         self.B, self.T = B, T
         self.encoded = z(N, C)               # residual stream entering layer 0
-        self.ln1, self.ln1_mean, self.ln1_rstd = z(L, N, C), z(L, N), z(L, N)
+        self.ln1, self.ln1_mean, self.ln1_rstd = z(L, N, C), f32(L, N), f32(L, N)
         self.qkv = z(L, N, 3 * C)
         self.att = z(L, B, NH, T, T)         # softmax probabilities
         self.atty = z(L, N, C)               # attention output, before attproj
         self.residual2 = z(L, N, C)          # x + attention branch
-        self.ln2, self.ln2_mean, self.ln2_rstd = z(L, N, C), z(L, N), z(L, N)
+        self.ln2, self.ln2_mean, self.ln2_rstd = z(L, N, C), f32(L, N), f32(L, N)
         self.fch = z(L, N, 4 * C)            # fc output, before gelu
         self.fch_gelu = z(L, N, 4 * C)
         self.residual3 = z(L, N, C)          # x + mlp branch = next layer's input
-        self.lnf, self.lnf_mean, self.lnf_rstd = z(N, C), z(N), z(N)
+        self.lnf, self.lnf_mean, self.lnf_rstd = z(N, C), f32(N), f32(N)
         self.logits = z(N, V)                # becomes dlogits in the backward pass
-        self.lse = z(N)                      # logsumexp of each row of logits
-        self.losses = z(N)
+        self.lse = f32(N)                    # logsumexp of each row of logits
+        self.losses = f32(N)
         self.targets = None
         self.ids = None
         # backward scratch: one layer's worth, reused by every layer
@@ -100,19 +107,26 @@ class Activations:
         self.dqkv = z(N, 3 * C)
         self.d4C = z(N, 4 * C)               # dfch_gelu, then dfch in place
         self.scratch4C = z(N, 4 * C)
-        self.ln_scratch = z(2, N, C)
+        self.ln_scratch = f32(2, N, C)       # float32 partial sums of dweight, dbias
         self.datt = z(B, NH, T, T)
 
 
 class GPT:
-    """GPT-2 language model. `GPT(config, device="cpu", seed=0)`."""
+    """GPT-2 language model. `GPT(config, device="cpu", seed=0, dtype="fp32")`."""
 
-    def __init__(self, config: GPTConfig, device: str = "cpu", seed: int = 0, init: bool = True):
+    def __init__(self, config: GPTConfig, device: str = "cpu", seed: int = 0, init: bool = True,
+                 dtype: str = "fp32"):
         self.config = config
         self.device = device
         self.ops = get_backend(device)
         self.xp = self.ops.xp
-        self.params = FlatTensors(parameter_shapes(config), self.xp)
+        self.dtype = dtype
+        self.storage = self.ops.storage_dtype(dtype)   # np.float32, or bfloat16 for "bf16"
+        self.params = FlatTensors(parameter_shapes(config), self.xp)   # float32: the master weights
+        if self.storage == np.float32:
+            self.compute_params = self.params            # what the ops read: the same buffer
+        else:
+            self.compute_params = FlatTensors(parameter_shapes(config), self.xp, dtype=self.storage)
         self.grads = None          # allocated by the first backward()
         self._grads_fresh = True   # True: the next backward overwrites instead of adding
         self.acts = None           # activations of the last forward()
@@ -144,6 +158,13 @@ class GPT:
         for name in ("ln1w", "ln2w", "lnfw"):
             host.views[name][:] = 1.0
         self.params.flat[:] = self.xp.asarray(host.flat)
+        self.params_updated()
+
+    def params_updated(self):
+        """Call after writing self.params (loading, broadcasting, gathering):
+        refreshes the bf16 copy the ops read. Nothing to do in fp32."""
+        if self.compute_params is not self.params:
+            self.ops.cast(self.compute_params.flat, self.params.flat)
 
     @property
     def num_parameters(self) -> int:
@@ -158,7 +179,7 @@ class GPT:
             if len(self._acts_by_shape) >= 2:
                 # free the least recently used set before allocating the new one
                 self._acts_by_shape.pop(next(iter(self._acts_by_shape)))
-            self._acts_by_shape[(B, T)] = Activations(self.config, B, T, self.xp)
+            self._acts_by_shape[(B, T)] = Activations(self.config, B, T, self.xp, self.storage)
         self.acts = self._acts_by_shape.pop((B, T))
         self._acts_by_shape[(B, T)] = self.acts   # most recently used goes last
         return self.acts
@@ -168,7 +189,7 @@ class GPT:
 
         The logits are a view of the model's own buffer: valid until the next
         forward() or backward() (which turns them into their gradient)."""
-        ops, cfg, p = self.ops, self.config, self.params
+        ops, cfg, p = self.ops, self.config, self.compute_params
         ids = self._check_ids(ids, "ids")
         B, T = ids.shape
         if T > cfg.block_size:
@@ -183,12 +204,12 @@ class GPT:
             ops.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
             ops.attention_forward(a.atty[l].reshape(B, T, C), a.att[l], a.qkv[l].reshape(B, T, 3 * C), NH)
             ops.matmul_forward(a.residual2[l], a.atty[l], p.attprojw[l], p.attprojb[l])
-            a.residual2[l] += x                                      # residual
+            ops.residual_forward(a.residual2[l], a.residual2[l], x)  # residual
             ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p.ln2w[l], p.ln2b[l])
             ops.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
             ops.gelu_forward(a.fch_gelu[l], a.fch[l])
             ops.matmul_forward(a.residual3[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
-            a.residual3[l] += a.residual2[l]                         # residual
+            ops.residual_forward(a.residual3[l], a.residual3[l], a.residual2[l])  # residual
             x = a.residual3[l]
         ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb)
         # LM head against the real vocabulary rows only: the padded rows never
@@ -231,9 +252,9 @@ class GPT:
         a = self.acts
         if not self._have_forward or a is None or a.targets is None:
             raise LlmpyError("backward() needs a forward(ids, targets) with targets first")
-        ops, cfg, p = self.ops, self.config, self.params
+        ops, cfg, p = self.ops, self.config, self.compute_params
         if self.grads is None:
-            self.grads = FlatTensors(parameter_shapes(cfg), self.xp)
+            self.grads = FlatTensors(parameter_shapes(cfg), self.xp, dtype=self.storage)
         g = self.grads
         acc = not self._grads_fresh
         B, T = a.B, a.T
@@ -283,7 +304,7 @@ class GPT:
         max_T = self.config.block_size if max_T is None else max_T
         if not 0 < max_T <= self.config.block_size:
             raise LlmpyError(f"KV cache length {max_T} must be in [1, block_size={self.config.block_size}]")
-        return KVCache(self.config, B, max_T, self.xp)
+        return KVCache(self.config, B, max_T, self.xp, self.storage)
 
     def forward_cached(self, ids, cache: "KVCache", all_logits: bool = False):
         """Logits of t new tokens at positions [cache.pos, cache.pos + t).
@@ -294,7 +315,7 @@ class GPT:
         logits as forward() on the whole sequence. Returns a new array: the
         logits of the last new position (B, V), or of all of them (B, t, V).
         """
-        ops, cfg, p, xp = self.ops, self.config, self.params, self.xp
+        ops, cfg, p, xp = self.ops, self.config, self.compute_params, self.xp
         if not hasattr(ops, "attention_forward_cached"):
             raise LlmpyError(f"the {ops.name} backend has no cached attention; use generate(..., use_cache=False)")
         ids = self._check_ids(ids, "ids")
@@ -307,19 +328,19 @@ class GPT:
                              "start a new cache with the last block_size tokens")
         C, NH = cfg.n_embd, cfg.n_head
         hs, N = C // NH, B * t
-        f32 = np.float32
+        f32, act = np.float32, self.storage
 
-        x = xp.empty((B, t, C), dtype=f32)
+        x = xp.empty((B, t, C), dtype=act)
         xp.take(p.wte, ids, axis=0, out=x)
         x += p.wpe[pos:pos + t]                          # absolute positions of the new tokens
         x = x.reshape(N, C)
-        ln = xp.empty((N, C), dtype=f32)
+        ln = xp.empty((N, C), dtype=act)
         mean, rstd = xp.empty(N, dtype=f32), xp.empty(N, dtype=f32)
-        qkv = xp.empty((N, 3 * C), dtype=f32)
-        y = xp.empty((B, NH, t, hs), dtype=f32)
-        branch = xp.empty((N, C), dtype=f32)
-        h = xp.empty((N, 4 * C), dtype=f32)
-        hg = xp.empty((N, 4 * C), dtype=f32)
+        qkv = xp.empty((N, 3 * C), dtype=act)
+        y = xp.empty((B, NH, t, hs), dtype=act)
+        branch = xp.empty((N, C), dtype=act)
+        h = xp.empty((N, 4 * C), dtype=act)
+        hg = xp.empty((N, 4 * C), dtype=act)
         for l in range(cfg.n_layer):
             ops.layernorm_forward(ln, mean, rstd, x, p.ln1w[l], p.ln1b[l])
             ops.matmul_forward(qkv, ln, p.qkvw[l], p.qkvb[l])
@@ -342,9 +363,9 @@ class GPT:
         # (the head is the largest matmul: V x C per row).
         rows = x if all_logits else xp.ascontiguousarray(x.reshape(B, t, C)[:, -1])
         n = rows.shape[0]
-        lnf = xp.empty((n, C), dtype=f32)
+        lnf = xp.empty((n, C), dtype=act)
         ops.layernorm_forward(lnf, xp.empty(n, dtype=f32), xp.empty(n, dtype=f32), rows, p.lnfw, p.lnfb)
-        logits = xp.empty((n, cfg.vocab_size), dtype=f32)
+        logits = xp.empty((n, cfg.vocab_size), dtype=act)
         ops.matmul_forward(logits, lnf, p.wte[:cfg.vocab_size], None)
         return logits.reshape(B, t, cfg.vocab_size) if all_logits else logits
 
@@ -364,6 +385,7 @@ class GPT:
         """Copy Hugging Face-named tensors in (see from_hf)."""
         host = from_hf(sd, self.config, source)
         self.params.flat[:] = self.xp.asarray(host.flat)
+        self.params_updated()
 
     def save(self, path, format: str = "hf"):
         from . import checkpoint
@@ -385,11 +407,11 @@ class GPT:
 class KVCache:
     """Keys and values of the positions seen so far: k, v (L, B, NH, max_T, hs)."""
 
-    def __init__(self, cfg: GPTConfig, B: int, max_T: int, xp):
+    def __init__(self, cfg: GPTConfig, B: int, max_T: int, xp, dtype=np.float32):
         hs = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, B, cfg.n_head, max_T, hs)
-        self.k = xp.zeros(shape, dtype=np.float32)
-        self.v = xp.zeros(shape, dtype=np.float32)
+        self.k = xp.zeros(shape, dtype=dtype)
+        self.v = xp.zeros(shape, dtype=dtype)
         self.B, self.max_T = B, max_T
         self.pos = 0                 # positions filled: the next token's position
 

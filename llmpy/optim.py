@@ -79,8 +79,12 @@ class AdamW:
             hi = o + self.m.shape[0]
             if hi > o:
                 segments = [(s - o, e - o, d) for s, e, d in self.segments]
+                # bf16 training: the kernel also rewrites the bf16 weights the
+                # forward pass reads (model.compute_params) from the new fp32 ones
+                copy = self.model.compute_params.flat
                 ops.adamw_step_flat(p[o:hi], g[o:hi], self.m, self.v, segments, lr, self.beta1, self.beta2,
-                                    self.eps, self.weight_decay, self.step_count, grad_scale)
+                                    self.eps, self.weight_decay, self.step_count, grad_scale,
+                                    param_copy=None if copy is p else copy[o:hi])
             return
 
         def work(i):

@@ -68,9 +68,9 @@ def build_model(tc: TrainConfig) -> GPT:
     if tc.model in PRESETS:
         # GPT-2's context of 1024 positions, or more if --seq-len asks for it
         cfg = preset(tc.model, block_size=max(tc.seq_len, 1024))
-        return GPT(cfg, device=tc.device, seed=tc.seed)
+        return GPT(cfg, device=tc.device, seed=tc.seed, dtype=tc.dtype)
     if Path(tc.model).is_dir():
-        model = ckpt.load(tc.model, device=tc.device)
+        model = ckpt.load(tc.model, device=tc.device, dtype=tc.dtype)
         if tc.seq_len > model.config.block_size:
             raise LlmpyError(f"--seq-len {tc.seq_len} exceeds {tc.model}'s block_size {model.config.block_size}")
         return model
@@ -92,10 +92,10 @@ def check_config(tc: TrainConfig):
             raise LlmpyError(f"--{name.replace('_', '-')} must be positive, got {getattr(tc, name)}")
     if tc.lr <= 0 or not math.isfinite(tc.lr):
         raise LlmpyError(f"--lr must be a positive number, got {tc.lr}")
-    if tc.dtype != "fp32":
-        # bf16 kernels compile but the mixed-precision host path is not built yet:
-        # refuse rather than silently train in fp32.
-        raise LlmpyError(f"--dtype {tc.dtype} is not available yet on {tc.device}; use --dtype fp32")
+    if tc.dtype not in ("fp32", "bf16"):
+        raise LlmpyError(f"--dtype {tc.dtype!r}: use fp32 or bf16 (bf16 needs --device cuda)")
+    if tc.dtype == "bf16" and tc.device != "cuda":
+        raise LlmpyError("--dtype bf16 needs --device cuda; the NumPy backend computes in fp32")
     if tc.lr_schedule not in ("cosine", "linear", "constant"):
         raise LlmpyError(f"--lr-schedule {tc.lr_schedule!r}: use cosine, linear or constant")
     if tc.zero_stage not in (0, 1):
@@ -167,6 +167,7 @@ def train(tc: TrainConfig) -> dict:
     if tc.seq_len > model.config.block_size:
         raise LlmpyError(f"--seq-len {tc.seq_len} exceeds the model's block_size {model.config.block_size}")
     comm.broadcast(model.params.flat, root=0)      # every rank starts from rank 0's weights
+    model.params_updated()
     accum = grad_accum_steps(tc, world)
     shard = comm.bounds(model.params.flat.size) if tc.zero_stage == 1 else None
     optimizer = AdamW(model, lr=tc.lr, weight_decay=tc.weight_decay, shard=shard)
@@ -234,6 +235,8 @@ def train(tc: TrainConfig) -> dict:
             optimizer.step(lr, grad_scale=clip_scale(norm, tc.grad_clip))
             if optimizer.shard is not None:
                 comm.all_gather(model.params.flat)      # every rank's updated slice to every rank
+                if model.compute_params is not model.params:   # bf16: the rounded copy too
+                    comm.all_gather(model.compute_params.flat)
             ms = (time.perf_counter() - t0) * 1000
             rec = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
                    "ms": round(ms, 2), "tokens_per_s": round(tokens_per_step / (ms / 1000), 1)}

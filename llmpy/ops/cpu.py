@@ -26,6 +26,19 @@ GELU_S = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 
 
+def storage_dtype(dtype: str):
+    """The array dtype for a model of precision `dtype`: only float32 here."""
+    if dtype != "fp32":
+        from ..errors import LlmpyError
+        raise LlmpyError(f"--dtype {dtype} needs --device cuda; the NumPy backend computes in fp32")
+    return np.float32
+
+
+def cast(dst, src):
+    """dst[...] = src, rounding to dst's dtype."""
+    dst[...] = src
+
+
 # ----------------------------------------------------------------------------
 # encoder: out[b, t] = wte[ids[b, t]] + wpe[t]
 

@@ -20,13 +20,18 @@ steps, in order: the matmuls through cuBLASLt (nvmath.bindings.cublasLt), with
 the bias (and gelu) fused into the GEMM epilogue and fixed workspaces so a
 whole step can be captured in a CUDA graph (cupy.matmul and the temporaries
 below allocate, which graph capture forbids); attention without the (T, T)
-matrix (cuDNN flash attention); bf16 storage (the kernels already compile for
-it with -DLLMPY_BF16, see kernels/common.cuh).
+matrix (cuDNN flash attention).
 
-Numerics: fp32 storage and fp32 arithmetic. cuBLAS runs true fp32 GEMMs here
-(CuPy leaves TF32 off unless CUPY_TF32=1 is set), so results match the NumPy
-reference to ~1e-6 relative: only the order of additions differs. Every
-reduction here has a fixed order (no atomics, the encoder's scatter-add
+Numerics. Two storage types, chosen per call by the arrays' dtype:
+- float32 ("fp32"): fp32 storage and arithmetic. cuBLAS runs true fp32 GEMMs
+  here (CuPy leaves TF32 off unless CUPY_TF32=1 is set), so results match the
+  NumPy reference to ~1e-6 relative: only the order of additions differs.
+- bfloat16 ("bf16", ml_dtypes.bfloat16 arrays): every kernel file is also
+  compiled with -DLLMPY_BF16, which makes its `floatX` __nv_bfloat16: values
+  are widened to float on load, all arithmetic and every sum is float, and
+  each result is rounded once on store. Statistics (layernorm mean/rstd,
+  logsumexp, losses, AdamW's m and v, the master weights) stay float32.
+Every reduction here has a fixed order (no atomics, the encoder's scatter-add
 included), so a run is meant to repeat bit for bit on the same GPU
 (tests/test_cuda_ops.py checks it).
 """
@@ -50,7 +55,7 @@ _NORM_BLOCKS = 1024         # stage-1 blocks of sum_of_squares (fixed: determini
 # ----------------------------------------------------------------------------
 # compiling and launching
 
-_modules: dict[str, cupy.RawModule] = {}
+_modules: dict[tuple[str, bool], cupy.RawModule] = {}
 
 
 def _source(filename: str) -> str:
@@ -61,15 +66,40 @@ def _source(filename: str) -> str:
     return (_KERNELS / filename).read_text().replace('#include "common.cuh"', common)
 
 
-def _kernel(filename: str, kernel: str) -> cupy.RawKernel:
-    """Kernel `kernel` of kernels/`filename`, compiled once per process (and
-    cached on disk by CuPy across processes). RawModule compiles for the
-    current device's architecture."""
-    mod = _modules.get(filename)
+def _kernel(filename: str, kernel: str, bf16: bool = False) -> cupy.RawKernel:
+    """Kernel `kernel` of kernels/`filename`, compiled once per process and
+    storage type (and cached on disk by CuPy across processes). RawModule
+    compiles for the current device's architecture."""
+    mod = _modules.get((filename, bf16))
     if mod is None:
-        mod = cupy.RawModule(code=_source(filename), options=("-std=c++17",))
-        _modules[filename] = mod
+        options = ("-std=c++17",) + (("-DLLMPY_BF16",) if bf16 else ())
+        mod = cupy.RawModule(code=_source(filename), options=options)
+        _modules[(filename, bf16)] = mod
     return mod.get_function(kernel)
+
+
+def _bf16_dtype():
+    try:
+        import ml_dtypes
+    except ImportError:
+        from ..errors import LlmpyError
+        raise LlmpyError("--dtype bf16 needs the ml_dtypes package (pip install 'llmpy[cuda]')") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def storage_dtype(dtype: str):
+    """The array dtype for a model of precision `dtype` ("fp32" or "bf16")."""
+    if dtype == "fp32":
+        return np.float32
+    if dtype == "bf16":
+        return _bf16_dtype()
+    from ..errors import LlmpyError
+    raise LlmpyError(f"--dtype {dtype!r}: use fp32 or bf16")
+
+
+def cast(dst, src):
+    """dst[...] = src, rounding to dst's dtype (to nearest even for bf16)."""
+    dst[...] = src
 
 
 def synchronize():
@@ -82,17 +112,32 @@ def _blocks(n: int, per_block: int = _BLOCK) -> int:
     return max(1, (n + per_block - 1) // per_block)
 
 
+def _dense(a, dtypes):
+    if not isinstance(a, cupy.ndarray):
+        raise TypeError(f"expected a cupy.ndarray, got {type(a).__name__}")
+    if a.dtype not in dtypes or not a.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous {' or '.join(str(d) for d in dtypes)} array, got dtype "
+                         f"{a.dtype}, shape {a.shape}, strides {a.strides}")
+
+
 def _f32(*arrays):
-    """Our kernels index raw pointers as dense row-major float32: check it, so a
-    strided view fails loudly instead of being read wrongly."""
+    """Arrays a kernel reads as `float*`. Our kernels index raw pointers as dense
+    row-major memory: check it, so a strided view fails loudly instead of
+    being read wrongly."""
     for a in arrays:
-        if a is None:
-            continue
-        if not isinstance(a, cupy.ndarray):
-            raise TypeError(f"expected a cupy.ndarray, got {type(a).__name__}")
-        if a.dtype != cupy.float32 or not a.flags.c_contiguous:
-            raise ValueError(f"expected a C-contiguous float32 array, got dtype {a.dtype}, "
-                             f"shape {a.shape}, strides {a.strides}")
+        if a is not None:
+            _dense(a, (np.dtype(np.float32),))
+
+
+def _floatx(*arrays) -> bool:
+    """Arrays a kernel reads as `floatX*`: all float32 or all bfloat16.
+    Returns True for bfloat16 (the kernels' -DLLMPY_BF16 build)."""
+    arrays = [a for a in arrays if a is not None]
+    dtype = arrays[0].dtype
+    bf16 = dtype != np.float32
+    for a in arrays:
+        _dense(a, (np.dtype(np.float32),) if not bf16 else (_bf16_dtype(),))
+    return bf16
 
 
 def _ids64(ids):
@@ -100,7 +145,7 @@ def _ids64(ids):
     return cupy.ascontiguousarray(cupy.asarray(ids).reshape(-1), dtype=cupy.int64)
 
 
-i32, i64, f32 = np.int32, np.int64, np.float32   # kernel scalar argument types
+i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32   # kernel scalar argument types
 
 
 # ----------------------------------------------------------------------------
@@ -108,30 +153,30 @@ i32, i64, f32 = np.int32, np.int64, np.float32   # kernel scalar argument types
 
 def encoder_forward(out, ids, wte, wpe):
     # out (B, T, C), ids (B, T) int, wte (Vp, C), wpe (maxT, C)
-    _f32(out, wte, wpe)
+    bf = _floatx(out, wte, wpe)
     B, T = ids.shape
     C = wte.shape[1]
     n = B * T * C
-    _kernel("encoder.cu", "encoder_forward")(
+    _kernel("encoder.cu", "encoder_forward", bf)(
         (_blocks(n),), (_BLOCK,), (out, _ids64(ids), wte, wpe, i32(B * T), i32(T), i32(C)))
 
 
 def encoder_backward(dwte, dwpe, dout, ids, acc=True):
     # dwte gets the scatter-add of dout's rows, dwpe the sum over the batch.
-    _f32(dwte, dwpe, dout)
+    bf = _floatx(dwte, dwpe, dout)
     B, T, C = dout.shape
     N = B * T
     if not acc:
         dwte.fill(0)
         dwpe[T:] = 0
-    _kernel("encoder.cu", "encoder_backward_wpe")(
+    _kernel("encoder.cu", "encoder_backward_wpe", bf)(
         (_blocks(T * C),), (_BLOCK,), (dwpe, dout, i32(B), i32(T), i32(C), i32(1 if acc else 0)))
     # Sort positions by token id; the key id * N + position is unique, so the
     # order (and with it the order of the sums) does not depend on the sort.
     flat = _ids64(ids)
     order = cupy.argsort(flat * N + cupy.arange(N, dtype=cupy.int64))
     sorted_ids = cupy.ascontiguousarray(flat[order])
-    _kernel("encoder.cu", "encoder_backward_wte")(
+    _kernel("encoder.cu", "encoder_backward_wte", bf)(
         (N,), (min(_BLOCK, 32 * _blocks(C, 32)),), (dwte, dout, sorted_ids, order, i32(N), i32(C)))
 
 
@@ -140,27 +185,29 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True):
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias):
     # out, inp (N, C); mean, rstd (N,); weight, bias (C,)
-    _f32(out, mean, rstd, inp, weight, bias)
+    _f32(mean, rstd)
+    bf = _floatx(out, inp, weight, bias)
     C = inp.shape[-1]
     N = inp.size // C
     rows_per_block = _BLOCK // 32                         # one warp per row
-    _kernel("layernorm.cu", "layernorm_forward")(
+    _kernel("layernorm.cu", "layernorm_forward", bf)(
         (_blocks(N, rows_per_block),), (_BLOCK,), (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, acc=True):
     # dinp is ADDED to; scratch (2, N, C) float32 holds the column partial sums.
-    _f32(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch)
+    _f32(mean, rstd, scratch)
+    bf = _floatx(dinp, dweight, dbias, dout, inp, weight)
     C = inp.shape[-1]
     N = inp.size // C
     rows_per_block = _BLOCK // 32
-    _kernel("layernorm.cu", "layernorm_backward_input")(
+    _kernel("layernorm.cu", "layernorm_backward_input", bf)(
         (_blocks(N, rows_per_block),), (_BLOCK,), (dinp, dout, inp, weight, mean, rstd, i32(N), i32(C)))
     nchunks = _blocks(N, _LN_ROWS_PER_CHUNK)
     partial_w, partial_b = scratch[0], scratch[1]         # each holds N*C >= nchunks*C floats
-    _kernel("layernorm.cu", "layernorm_backward_params_partial")(
+    _kernel("layernorm.cu", "layernorm_backward_params_partial", bf)(
         (_blocks(C), nchunks), (_BLOCK,), (partial_w, partial_b, dout, inp, mean, rstd, i32(N), i32(C)))
-    _kernel("layernorm.cu", "layernorm_backward_params_final")(
+    _kernel("layernorm.cu", "layernorm_backward_params_final", bf)(
         (_blocks(C),), (_BLOCK,), (dweight, dbias, partial_w, partial_b, i32(nchunks), i32(C),
                                    i32(1 if acc else 0)))
 
@@ -171,17 +218,31 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
 # C- or F-contiguous out): beta = 1 is gradient accumulation without a
 # temporary. Next step: cuBLASLt with the bias in the epilogue.
 
-def _gemm(*args, **kwargs):
-    # cupy.cublas is a submodule `import cupy` does not load, and loading it
-    # needs libcublas: imported on first use, so this module (and the NVRTC
-    # compile test, which reads _source) imports where only NVRTC is installed.
-    import cupy.cublas
-    return cupy.cublas.gemm(*args, **kwargs)
+def _gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
+    """out = alpha op(a) op(b) + beta out, op = transpose for "T"."""
+    if out.dtype == np.float32:
+        # cupy.cublas is a submodule `import cupy` does not load, and loading it
+        # needs libcublas: imported on first use, so this module (and the NVRTC
+        # compile test, which reads _source) imports where only NVRTC is installed.
+        import cupy.cublas
+        return cupy.cublas.gemm(transa, transb, a, b, out=out, alpha=alpha, beta=beta)
+    # bf16: cuBLAS through cupy.matmul (bf16 in and out, fp32 accumulation).
+    # A beta = 1 accumulation adds in float32 and rounds once.
+    A = a.T if transa == "T" else a
+    B = b.T if transb == "T" else b
+    prod = cupy.matmul(A, B)
+    if alpha != 1.0:
+        prod = prod * np.float32(alpha)
+    if beta:
+        out[...] = out.astype(np.float32) * np.float32(beta) + prod.astype(np.float32)
+    else:
+        out[...] = prod
+    return out
 
 
 def matmul_forward(out, inp, weight, bias):
     # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None
-    _f32(out, inp, weight, bias)
+    _floatx(out, inp, weight, bias)
     _gemm("N", "T", inp, weight, out=out)
     if bias is not None:
         out += bias
@@ -189,15 +250,17 @@ def matmul_forward(out, inp, weight, bias):
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True):
     # dinp = dout @ W (N, C);  dW (+)= dout^T @ inp (OC, C);  db (+)= sum_n dout (OC,)
-    _f32(dinp, dweight, dbias, dout, inp, weight)
+    _floatx(dinp, dweight, dbias, dout, inp, weight)
     if dinp is not None:
         _gemm("N", "N", dout, weight, out=dinp)
     _gemm("T", "N", dout, inp, out=dweight, beta=1.0 if acc else 0.0)
     if dbias is not None:
+        # summed in float32 whatever the storage (N is large: a bf16 running
+        # sum would stop growing long before the end)
+        db = dout.sum(axis=0, dtype=np.float32)
         if acc:
-            dbias += dout.sum(axis=0)
-        else:
-            cupy.sum(dout, axis=0, out=dbias)
+            db += dbias.astype(np.float32)
+        dbias[...] = db
 
 
 # ----------------------------------------------------------------------------
@@ -205,6 +268,16 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True):
 # The batched-GEMM path: pre = q k^T (cuBLAS), softmax in place (our kernel),
 # y = att v (cuBLAS). q, k, v are copied out of qkv into contiguous
 # (B, NH, T, hs) arrays first (cuBLAS batches need one stride per batch).
+
+def _bmm(a, b, out):
+    """out = a @ b, batched over the leading axes (cuBLAS through cupy.matmul).
+    In bf16 the product comes back in a new array and is rounded into out."""
+    if out.dtype == np.float32:
+        cupy.matmul(a, b, out=out)
+    else:
+        out[...] = cupy.matmul(a, b)
+    return out
+
 
 def _split_heads(x, B, T, NH):
     # (B, T, 3C) -> three (B, NH, T, hs) views
@@ -215,15 +288,15 @@ def _split_heads(x, B, T, NH):
 
 def attention_forward(out, att, qkv, n_head):
     # out (B, T, C); att (B, NH, T, T) keeps the probabilities; qkv (B, T, 3C)
-    _f32(out, att)
+    bf = _floatx(out, att)
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     q, k, v = (cupy.ascontiguousarray(a) for a in _split_heads(qkv, B, T, n_head))
-    cupy.matmul(q, k.swapaxes(-1, -2), out=att)
-    _kernel("attention.cu", "attention_softmax_forward")(
+    _bmm(q, k.swapaxes(-1, -2), att)
+    _kernel("attention.cu", "attention_softmax_forward", bf)(
         (_blocks(B * n_head * T, _BLOCK // 32),), (_BLOCK,), (att, f32(1.0 / math.sqrt(hs)),
                                                              i32(B * n_head * T), i32(T)))
-    y = cupy.matmul(att, v)                                # (B, NH, T, hs)
+    y = _bmm(att, v, cupy.empty_like(v))                   # (B, NH, T, hs)
     out.reshape(B, T, n_head, hs)[...] = y.transpose(0, 2, 1, 3)
 
 
@@ -232,19 +305,19 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head):
     # datt is scratch of att's shape. See cpu.attention_backward for the math:
     #   dv = att^T dy,  datt = dy v^T,  dpre = scale * att * (datt - rowsum(datt * att)),
     #   dq = dpre k,  dk = dpre^T q
-    _f32(dqkv, dout, att, datt)
+    bf = _floatx(dqkv, dout, att, datt)
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     q, k, v = (cupy.ascontiguousarray(a) for a in _split_heads(qkv, B, T, n_head))
     dq, dk, dv = _split_heads(dqkv, B, T, n_head)
     dy = cupy.ascontiguousarray(dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3))
-    dv[...] = cupy.matmul(att.swapaxes(-1, -2), dy)
-    cupy.matmul(dy, v.swapaxes(-1, -2), out=datt)
-    _kernel("attention.cu", "attention_softmax_backward")(
+    dv[...] = _bmm(att.swapaxes(-1, -2), dy, cupy.empty_like(dy))
+    _bmm(dy, v.swapaxes(-1, -2), datt)
+    _kernel("attention.cu", "attention_softmax_backward", bf)(
         (_blocks(B * n_head * T, _BLOCK // 32),), (_BLOCK,), (datt, att, f32(1.0 / math.sqrt(hs)),
                                                              i32(B * n_head * T), i32(T)))
-    dq[...] = cupy.matmul(datt, k)
-    dk[...] = cupy.matmul(datt.swapaxes(-1, -2), q)
+    dq[...] = _bmm(datt, k, cupy.empty_like(k))
+    dk[...] = _bmm(datt.swapaxes(-1, -2), q, cupy.empty_like(q))
 
 
 def attention_forward_cached(out, q, k, v, pos):
@@ -267,20 +340,20 @@ def attention_forward_cached(out, q, k, v, pos):
 # gelu (tanh approximation) and residual: elementwise
 
 def gelu_forward(out, inp):
-    _f32(out, inp)
-    _kernel("gelu.cu", "gelu_forward")((_blocks(inp.size),), (_BLOCK,), (out, inp, i64(inp.size)))
+    bf = _floatx(out, inp)
+    _kernel("gelu.cu", "gelu_forward", bf)((_blocks(inp.size),), (_BLOCK,), (out, inp, i64(inp.size)))
 
 
 def gelu_backward(dinp, inp, dout, scratch):
     # dinp may be the same array as dout; scratch is unused (the kernel keeps
     # its temporaries in registers).
-    _f32(dinp, inp, dout)
-    _kernel("gelu.cu", "gelu_backward")((_blocks(inp.size),), (_BLOCK,), (dinp, inp, dout, i64(inp.size)))
+    bf = _floatx(dinp, inp, dout)
+    _kernel("gelu.cu", "gelu_backward", bf)((_blocks(inp.size),), (_BLOCK,), (dinp, inp, dout, i64(inp.size)))
 
 
 def residual_forward(out, a, b):
-    _f32(out, a, b)
-    _kernel("residual.cu", "residual_forward")((_blocks(a.size),), (_BLOCK,), (out, a, b, i64(a.size)))
+    bf = _floatx(out, a, b)
+    _kernel("residual.cu", "residual_forward", bf)((_blocks(a.size),), (_BLOCK,), (out, a, b, i64(a.size)))
 
 
 # ----------------------------------------------------------------------------
@@ -291,17 +364,19 @@ _CE_BLOCK = 1024            # one block per row of 50257 logits: ~50 values per 
 
 def crossentropy_forward(losses, lse, logits, targets):
     # losses, lse (N,); logits (N, V); targets (N,) int
-    _f32(losses, lse, logits)
+    _f32(losses, lse)
+    bf = _floatx(logits)
     N, V = logits.shape
-    _kernel("classifier.cu", "crossentropy_forward")(
+    _kernel("classifier.cu", "crossentropy_forward", bf)(
         (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), i32(N), i32(V)))
 
 
 def crossentropy_backward(logits, lse, targets, dloss):
     # logits (N, V) become (softmax - onehot) * dloss, in place
-    _f32(logits, lse)
+    _f32(lse)
+    bf = _floatx(logits)
     N, V = logits.shape
-    _kernel("classifier.cu", "crossentropy_backward")(
+    _kernel("classifier.cu", "crossentropy_backward", bf)(
         (N,), (_CE_BLOCK,), (logits, lse, _ids64(targets), f32(dloss), i32(N), i32(V)))
 
 
@@ -311,12 +386,12 @@ def crossentropy_backward(logits, lse, targets, dloss):
 def sum_of_squares(x):
     """sum(x^2) over the whole array, as a Python float (this synchronizes)."""
     x = x.reshape(-1)
-    _f32(x)
+    bf = _floatx(x)
     nblocks = min(_NORM_BLOCKS, _blocks(x.size))
     partial = cupy.empty(nblocks, dtype=cupy.float32)
     out = cupy.empty(1, dtype=cupy.float64)
-    _kernel("norm.cu", "sum_of_squares_partial")((nblocks,), (_BLOCK,), (partial, x, i64(x.size)))
-    _kernel("norm.cu", "sum_of_squares_final")((1,), (32,), (out, partial, i32(nblocks)))
+    _kernel("norm.cu", "sum_of_squares_partial", bf)((nblocks,), (_BLOCK,), (partial, x, i64(x.size)))
+    _kernel("norm.cu", "sum_of_squares_final", bf)((1,), (32,), (out, partial, i32(nblocks)))
     return float(out[0])
 
 
@@ -332,23 +407,34 @@ def _segment_table(segments):
     return _segment_tables[key]
 
 
-def adamw_step_flat(param, grad, m, v, segments, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0):
+def adamw_step_flat(param, grad, m, v, segments, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
+                    param_copy=None):
     """One AdamW step over whole flat buffers in ONE kernel launch (the GPU
     has no cache to chunk for). `segments` is [(start, stop, decay), ...]
     covering param contiguously from 0; weight decay applies where decay is
-    true. Same update as cpu.adamw_update, see kernels/adamw.cu."""
-    _f32(param, grad, m, v)
+    true. Same update as cpu.adamw_update, see kernels/adamw.cu.
+
+    param, m, v are float32. In bf16 training grad is bfloat16 and
+    param_copy, the bf16 weights the forward pass reads, is rewritten from
+    the updated float32 param with stochastic rounding (seeded by `step`:
+    repeatable)."""
+    _f32(param, m, v)
+    bf = _floatx(grad, param_copy)
+    if param_copy is None:
+        if bf:
+            raise ValueError("bf16 gradients need the bf16 param_copy to update")
+        param_copy = param                     # fp32: the copy IS the parameters
     n = param.size
     if not segments or segments[0][0] != 0 or segments[-1][1] != n:
         raise ValueError(f"segments must cover [0, {n}) in order")
     seg_stop, seg_decay = _segment_table(segments)
     bc1 = 1.0 - beta1 ** step
     sqrt_bc2 = math.sqrt(1.0 - beta2 ** step)
-    _kernel("adamw.cu", "adamw_update")(
+    _kernel("adamw.cu", "adamw_update", bf)(
         (_blocks(n),), (_BLOCK,),
-        (param, grad, m, v, i64(n), seg_stop, seg_decay, i32(len(segments)),
+        (param, param_copy, grad, m, v, i64(n), seg_stop, seg_decay, i32(len(segments)),
          f32(1.0 - beta1), f32(1.0 - beta2), f32(lr * sqrt_bc2 / bc1), f32(eps * sqrt_bc2),
-         f32(1.0 - lr * weight_decay), f32(grad_scale)))
+         f32(1.0 - lr * weight_decay), f32(grad_scale), u32(step & 0xFFFFFFFF)))
 
 
 def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch, grad_scale=1.0):

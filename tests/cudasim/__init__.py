@@ -100,7 +100,7 @@ class RawModule:
             cpp = lib.with_suffix(".cpp")
             cpp.write_text(src)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            cmd = ["g++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-fno-strict-aliasing",
+            cmd = ["g++", "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fno-strict-aliasing",
                    "-Wno-unused-variable", "-I", str(HERE / "include"), "-include", str(HERE / "cudasim.h"),
                    *defines, "-x", "c++", str(cpp), "-o", str(tmp)]
             r = subprocess.run(cmd, capture_output=True, text=True)

@@ -15,12 +15,17 @@
 // a sequence of contiguous segments; seg_stop[i] is the end of segment i and
 // seg_decay[i] says whether it decays. A thread finds its segment by a short
 // linear scan (a dozen entries, the same for every thread of a warp: cached).
+//
+// param is the float32 master copy. param_copy is what the forward pass
+// reads: in bf16 training the bf16 weights, rewritten here from the new
+// master value with stochastic rounding (random bits from hash(seed, i));
+// in fp32 the host passes param itself and the second store is the same value.
 #include "common.cuh"
 
-extern "C" __global__ void adamw_update(float* param, const floatX* grad, float* m, float* v, long long n,
-                                        const long long* seg_stop, const int* seg_decay, int nseg,
+extern "C" __global__ void adamw_update(float* param, floatX* param_copy, const floatX* grad, float* m, float* v,
+                                        long long n, const long long* seg_stop, const int* seg_decay, int nseg,
                                         float one_minus_b1, float one_minus_b2, float step_size, float eps_hat,
-                                        float decay_factor, float grad_scale) {
+                                        float decay_factor, float grad_scale, unsigned seed) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int s = 0;
@@ -32,5 +37,7 @@ extern "C" __global__ void adamw_update(float* param, const floatX* grad, float*
     v[i] = vi;
     float p = param[i];
     if (seg_decay[s]) p *= decay_factor;              // decay_factor = 1 - lr * wd
-    param[i] = p - step_size * (mi / (sqrtf(vi) + eps_hat));
+    p -= step_size * (mi / (sqrtf(vi) + eps_hat));
+    param[i] = p;
+    param_copy[i] = from_f_stochastic(p, hash_u32(seed, i));
 }

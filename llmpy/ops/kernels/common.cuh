@@ -11,15 +11,39 @@
 // so the host can find them by name without C++ name mangling.
 #pragma once
 
+// A 32-bit hash of (seed, i) (two rounds of a multiply-xorshift mixer): the
+// random bits of stochastic rounding, different for every element and step,
+// and the same on every run.
+__device__ __forceinline__ unsigned hash_u32(unsigned seed, unsigned long long i) {
+    unsigned x = (unsigned)i ^ (unsigned)(i >> 32) * 0x9E3779B1u ^ seed * 0x85EBCA77u;
+    x ^= x >> 16; x *= 0x7FEB352Du;
+    x ^= x >> 15; x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
 #ifdef LLMPY_BF16
 #include <cuda_bf16.h>
 typedef __nv_bfloat16 floatX;
 __device__ __forceinline__ float to_f(floatX x) { return __bfloat162float(x); }
 __device__ __forceinline__ floatX from_f(float x) { return __float2bfloat16(x); }
+// Stochastic rounding to bf16: add 16 random bits below the kept 16 and cut.
+// x rounds up with probability (the cut-off part) / 2^16, so the rounding
+// error is zero on average: small AdamW updates to a weight add up over
+// steps instead of being rounded away every time.
+__device__ __forceinline__ floatX from_f_stochastic(float x, unsigned rnd) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7F800000u) == 0x7F800000u) return __float2bfloat16(x);   // inf / nan: as is
+    u += rnd & 0xFFFFu;
+    __nv_bfloat16 b;
+    *reinterpret_cast<unsigned short*>(&b) = (unsigned short)(u >> 16);
+    return b;
+}
 #else
 typedef float floatX;
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float from_f(float x) { return x; }
+__device__ __forceinline__ float from_f_stochastic(float x, unsigned) { return x; }
 #endif
 
 #define WARP_SIZE 32
