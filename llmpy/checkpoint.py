@@ -141,7 +141,10 @@ def read_safetensors(path) -> dict:
     if not path.is_file():
         raise LlmpyError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        sd = load_file(str(path))
+        # with ml_dtypes installed, safetensors returns bf16 tensors as its
+        # bfloat16 dtype, which NumPy does not count as floating: upcast (exact)
+        return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in sd.items()}
     except (SafetensorError, OSError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "bfloat16" in why:       # NumPy has no bfloat16: read the file ourselves, upcasting

@@ -21,10 +21,12 @@ in its place while llmpy.ops.cuda is imported (and both are removed again).
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import types
 from pathlib import Path
 
+import bf16_checks
 import cudasim
 import numpy as np
 import pytest
@@ -235,145 +237,54 @@ def test_forward_cached(cuda):
 
 
 # ---------------------------------------------------------------------------- bf16 mixed precision
+# The checks are shared with tests/test_cuda_ops.py, which runs them on a GPU.
 
 needs_bf16 = pytest.mark.skipif(BF16 is None, reason="bf16 tests need ml_dtypes")
 
 
-def _bf16(x):
-    """x rounded to bf16 (to nearest even), as the bf16 array and as float32."""
-    b = np.asarray(x, np.float32).astype(BF16)
-    return b, b.astype(np.float32)
-
-
 @needs_bf16
 def test_ops_match_cpu_bf16(cuda):
-    # The bf16 kernels against the fp32 reference on the same (bf16-exact)
-    # inputs: the only differences are the rounding of results to bf16 and
-    # of intermediate activations, ~2^-8 relative.
-    rng = np.random.default_rng(5)
-    B, T, NH, hs = 2, 13, 2, 8
-    C, N, V = NH * hs, B * T, 50
-    ids = rng.integers(0, 10, (B, T))
-    r = lambda *s: _bf16(rng.standard_normal(s))  # noqa: E731
-    (wte, wte32), (wpe, wpe32), (x, x32), (x2, x2_32) = r(64, C), r(T, C), r(N, C), r(N, C)
-    (lnw, lnw32), (lnb, lnb32), (w, w32), (b, b32), (qkv, qkv32) = r(C), r(C), r(3 * C, C), r(3 * C), r(B, T, 3 * C)
-    cases = [  # (op, bf16 arguments, fp32 arguments, outputs' shapes and whether bf16)
-        ("encoder_forward", lambda o: (o[0], ids, wte, wpe), lambda o: (o[0], ids, wte32, wpe32), [(B, T, C)]),
-        ("layernorm_forward", lambda o: (o[0], o[1], o[2], x, lnw, lnb),
-         lambda o: (o[0], o[1], o[2], x32, lnw32, lnb32), [(N, C), (N,), (N,)]),
-        ("gelu_forward", lambda o: (o[0], x), lambda o: (o[0], x32), [(N, C)]),
-        ("residual_forward", lambda o: (o[0], x, x2), lambda o: (o[0], x32, x2_32), [(N, C)]),
-        ("matmul_forward", lambda o: (o[0], x, w, b), lambda o: (o[0], x32, w32, b32), [(N, 3 * C)]),
-        ("attention_forward", lambda o: (o[0], o[1], qkv, NH), lambda o: (o[0], o[1], qkv32, NH),
-         [(B, T, C), (B, NH, T, T)]),
-    ]
-    for name, args16, args32, shapes in cases:
-        ref = [np.empty(s, np.float32) for s in shapes]
-        # layernorm's mean and rstd are float32 outputs in both precisions
-        got = [np.full(s, np.nan, np.float32 if (name == "layernorm_forward" and i > 0) else BF16)
-               for i, s in enumerate(shapes)]
-        getattr(cpu, name)(*args32(ref))
-        getattr(cuda, name)(*args16(got))
-        for g, c in zip(got, ref):
-            assert rel_err(g.astype(np.float32), c) <= 1e-2, name
-
-    (logits, logits32), tg = r(N, V), rng.integers(0, V, N)
-    l_ref, s_ref = np.empty(N, np.float32), np.empty(N, np.float32)
-    l_got, s_got = np.full(N, np.nan, np.float32), np.full(N, np.nan, np.float32)
-    cpu.crossentropy_forward(l_ref, s_ref, logits32, tg)
-    cuda.crossentropy_forward(l_got, s_got, logits, tg)
-    assert rel_err(l_got, l_ref) <= 1e-5 and rel_err(s_got, s_ref) <= 1e-5   # float32 sums of exact inputs
-    assert abs(cuda.sum_of_squares(x) - cpu.sum_of_squares(x32)) <= 1e-5 * cpu.sum_of_squares(x32)
+    bf16_checks.ops_match_cpu(cuda, np)
 
 
 @needs_bf16
 def test_bf16_training_step_tracks_fp32(cuda):
-    # Mixed precision against the fp32 reference on the CPU: one step's loss
-    # and gradients, then the fp32 master weights after AdamW, and the bf16
-    # copy the forward pass reads must be one of the master value's two bf16
-    # neighbours (stochastic rounding).
-    from llmpy.model import GPT
-    from llmpy.optim import AdamW
-    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
-    rng = np.random.default_rng(1)
-    ids, targets = rng.integers(0, 200, (2, 24)), rng.integers(0, 200, (2, 24))
-    ref = GPT(cfg, device="cpu", seed=3)
-    mixed = GPT(cfg, device="cuda", seed=3, dtype="bf16")
-    assert mixed.params.flat.dtype == np.float32 and mixed.compute_params.flat.dtype == BF16
-    np.testing.assert_array_equal(mixed.params.flat, ref.params.flat)     # same fp32 master init
-    ref.params.flat[:] = mixed.compute_params.flat.astype(np.float32)     # the reference sees the bf16 weights
-    out = []
-    for model in (ref, mixed):
-        opt = AdamW(model, weight_decay=0.1)
-        model.zero_grad()
-        _, loss = model.forward(ids, targets)
-        model.backward()
-        grads = model.grads_dict()
-        opt.step(lr=1e-2)
-        out.append((loss, grads))
-    (l32, g32), (l16, g16) = out
-    assert abs(l16 - l32) <= 1e-2 * l32
-    for name in g32:
-        if np.any(g32[name]):
-            assert rel_err(g16[name], g32[name]) <= 5e-2, name
-    master = mixed.params.flat
-    assert rel_err(master, ref.params.flat) <= 1e-2
-    copy = mixed.compute_params.flat.astype(np.float32)
-    down = master.astype(BF16).astype(np.float32)                     # nearest; the neighbours:
-    lo = np.minimum(down, np.where(down > master, np.nextafter(down.astype(BF16), BF16.type(-np.inf)).astype(np.float32), down))
-    hi = np.maximum(down, np.where(down < master, np.nextafter(down.astype(BF16), BF16.type(np.inf)).astype(np.float32), down))
-    assert np.all((copy == lo) | (copy == hi))
+    bf16_checks.step_tracks_fp32(np)
 
 
 @needs_bf16
 def test_stochastic_rounding_is_unbiased(cuda):
-    # AdamW with lr = 0 leaves the master weights as they are; the bf16 copy
-    # of x = 1 + f * ulp (ulp = 2^-7 at 1.0) must round up a fraction f of
-    # the time, not always down as round-to-nearest would for f < 1/2.
-    n = 1 << 14
-    f = 0.25
-    param = np.full(n, 1.0 + f * 2.0 ** -7, np.float32)
-    copy = np.zeros(n, BF16)
-    grad = np.zeros(n, BF16)
-    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    cuda.adamw_step_flat(param, grad, m, v, [(0, n, False)], 0.0, 0.9, 0.95, 1e-8, 0.0, step=1,
-                         param_copy=copy)
-    up = np.mean(copy.astype(np.float32) > 1.0)
-    assert set(np.unique(copy.astype(np.float32))) <= {1.0, 1.0 + 2.0 ** -7}
-    assert abs(up - f) < 0.02, up
-    copy2 = np.zeros(n, BF16)
-    cuda.adamw_step_flat(param, grad, m, v, [(0, n, False)], 0.0, 0.9, 0.95, 1e-8, 0.0, step=2,
-                         param_copy=copy2)
-    assert not np.array_equal(copy, copy2)          # new random bits every step
+    bf16_checks.stochastic_rounding_is_unbiased(cuda, np)
 
 
 @needs_bf16
 def test_bf16_training_loss_tracks_fp32(cuda):
-    # The same data for N steps in fp32 and in bf16 mixed precision (both
-    # through the CUDA backend's kernels): the losses stay within 1%.
-    from llmpy.model import GPT
-    from llmpy.optim import AdamW, clip_scale, global_norm
-    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
-    rng = np.random.default_rng(7)
-    # a learnable stream: token t+1 = (3 * token t + 1) mod 64, with noise
-    seq = np.zeros((4, 17), np.int64)
-    seq[:, 0] = rng.integers(0, 64, 4)
-    for t in range(16):
-        seq[:, t + 1] = np.where(rng.random(4) < 0.9, (3 * seq[:, t] + 1) % 64, rng.integers(0, 64, 4))
-    losses = {}
-    for dtype in ("fp32", "bf16"):
-        model = GPT(cfg, device="cuda", seed=0, dtype=dtype)
-        opt = AdamW(model, weight_decay=0.1)
-        losses[dtype] = []
-        for _ in range(STEPS_BF16):
-            model.zero_grad()
-            _, loss = model.forward(seq[:, :-1], seq[:, 1:])
-            model.backward()
-            opt.step(lr=3e-3, grad_scale=clip_scale(global_norm(model), 1.0))
-            losses[dtype].append(loss)
-    l32, l16 = np.array(losses["fp32"]), np.array(losses["bf16"])
-    assert l32[-1] < 0.8 * l32[0]                      # it learned something
-    assert np.all(np.abs(l16 - l32) <= 0.01 * l32), np.max(np.abs(l16 - l32) / l32)
+    bf16_checks.loss_tracks_fp32(np, steps=100)     # issue 5's 100 steps
 
 
-STEPS_BF16 = 100   # as issue 5 asks; tests/test_cuda_ops.py repeats it on a GPU
+@needs_bf16
+def test_train_cli_on_the_cuda_backend(cuda, tmp_path, capsys):
+    # `llmpy train --device cuda --dtype bf16` end to end (data, validation,
+    # sampling, checkpoints, resume) with the CUDA backend's kernels run by
+    # cudasim: the checkpoint on disk is the fp32 master weights in Hugging
+    # Face's layout, and a resumed run picks up where the first stopped.
+    from safetensors.numpy import load_file
+
+    from llmpy.cli import main
+    from llmpy.data.prepare import prepare_pydoc
+    info = prepare_pydoc(tmp_path / "pydoc")
+    args = ["train", "--device", "cuda", "--dtype", "bf16", "--data", str(info["train"]),
+            "--val-data", str(info["val"]), "--model", "d2", "-B", "2", "-T", "16", "--lr", "3e-3",
+            "--val-every", "2", "--val-steps", "1", "--sample-every", "0", "--sample-tokens", "4",
+            "--checkpoint-every", "2", "--steps", "4", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(args + ["--stop-at", "2"]) == 0
+    assert main(args + ["--resume"]) == 0
+    assert ("classifier.cu", True) in cuda._modules        # the bf16 kernels did the work
+    out = capsys.readouterr().out
+    assert "sample after 4 steps" in out
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[-1]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    sd = load_file(str(tmp_path / "run" / "ckpt_00000004" / "model.safetensors"))
+    assert all(t.dtype == np.float32 for t in sd.values())
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (128, 384)

@@ -377,3 +377,27 @@ def test_forward_cached_matches_forward(cp):
     rest = [model.forward_cached(ids[:, t:t + 1], cache) for t in range(12, 20)]
     assert rel_err(first, full[:, :12]) <= OP_RTOL
     assert rel_err(cp.stack(rest, axis=1), full[:, 12:]) <= OP_RTOL
+
+
+# ---------------------------------------------------------------------------- bf16 mixed precision
+# The same checks as tests/test_cuda_host.py runs through cudasim, here on the GPU.
+
+def test_ops_match_cpu_bf16(cuda, cp):
+    bf16_checks = pytest.importorskip("bf16_checks")
+    bf16_checks.ops_match_cpu(cuda, cp)
+
+
+def test_bf16_training_step_tracks_fp32(cp):
+    bf16_checks = pytest.importorskip("bf16_checks")
+    bf16_checks.step_tracks_fp32(cp)
+
+
+def test_stochastic_rounding_is_unbiased(cuda, cp):
+    bf16_checks = pytest.importorskip("bf16_checks")
+    bf16_checks.stochastic_rounding_is_unbiased(cuda, cp)
+
+
+def test_bf16_training_loss_tracks_fp32(cp):
+    bf16_checks = pytest.importorskip("bf16_checks")
+    worst = bf16_checks.loss_tracks_fp32(cp, steps=100)
+    print(f"100 steps: worst |bf16 - fp32| / fp32 loss = {worst:.2e}")
