@@ -206,8 +206,8 @@ class GPT:
             ops.matmul_forward(a.residual2[l], a.atty[l], p.attprojw[l], p.attprojb[l])
             ops.residual_forward(a.residual2[l], a.residual2[l], x)  # residual
             ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p.ln2w[l], p.ln2b[l])
-            ops.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l])
-            ops.gelu_forward(a.fch_gelu[l], a.fch[l])
+            # fc and its GELU: fch = ln2 @ fcw^T + fcb, fch_gelu = gelu(fch) (one fused op)
+            ops.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l], gelu_out=a.fch_gelu[l])
             ops.matmul_forward(a.residual3[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
             ops.residual_forward(a.residual3[l], a.residual3[l], a.residual2[l])  # residual
             x = a.residual3[l]
@@ -275,8 +275,9 @@ class GPT:
         for l in reversed(range(cfg.n_layer)):
             x = a.residual3[l - 1] if l > 0 else a.encoded
             # MLP branch: its output was added to the stream, so d(fcproj) = dres
-            ops.matmul_backward(a.d4C, g.fcprojw[l], g.fcprojb[l], dres, a.fch_gelu[l], p.fcprojw[l], acc=acc)
-            ops.gelu_backward(a.d4C, a.fch[l], a.d4C, a.scratch4C)
+            # ... and through the GELU in the same op: d4C = (dres @ fcprojw) * gelu'(fch)
+            ops.matmul_backward(a.d4C, g.fcprojw[l], g.fcprojb[l], dres, a.fch_gelu[l], p.fcprojw[l], acc=acc,
+                                gelu_inp=a.fch[l], gelu_scratch=a.scratch4C)
             ops.matmul_backward(a.dC, g.fcw[l], g.fcb[l], a.d4C, a.ln2[l], p.fcw[l], acc=acc)
             ops.layernorm_backward(dres, g.ln2w[l], g.ln2b[l], a.dC, a.residual2[l], p.ln2w[l],
                                    a.ln2_mean[l], a.ln2_rstd[l], a.ln_scratch, acc=acc)

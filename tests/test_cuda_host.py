@@ -28,6 +28,7 @@ from pathlib import Path
 
 import bf16_checks
 import cudasim
+import fake_cublaslt
 import numpy as np
 import pytest
 
@@ -116,8 +117,11 @@ def _numpy_as_cupy():
     return fake
 
 
-@pytest.fixture
-def cuda(monkeypatch):
+@pytest.fixture(params=["cublaslt"])
+def cuda(monkeypatch, request):
+    """llmpy.ops.cuda on NumPy + cudasim. Its matmuls go through the
+    cuBLASLt path (tests/fake_cublaslt.py standing in for the library), or
+    with param "cublas" through the fallback used without nvmath-python."""
     import llmpy.ops
     fake_cupy = _numpy_as_cupy()
     try:
@@ -142,6 +146,10 @@ def cuda(monkeypatch):
     monkeypatch.setattr(cuda_mod, "_modules", {})
     monkeypatch.setattr(cuda_mod, "_gemm", gemm)
     monkeypatch.setattr(cuda_mod, "_segment_tables", {})
+    monkeypatch.setattr(cuda_mod, "_lt", fake_cublaslt if request.param == "cublaslt" else None)
+    monkeypatch.setattr(cuda_mod, "_ptr", lambda a: a.ctypes.data)
+    monkeypatch.setattr(cuda_mod, "_stream", lambda: 0)
+    monkeypatch.setattr(cuda_mod, "_scratch_buf", {})
     yield cuda_mod
     if imported_here:   # imported against the stand-in: forget it, so nothing else sees it
         sys.modules.pop("llmpy.ops.cuda", None)
@@ -153,6 +161,10 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+BOTH_MATMULS = pytest.mark.parametrize("cuda", ["cublaslt", "cublas"], indirect=True)
+
+
+@BOTH_MATMULS
 def test_ops_match_cpu(cuda):
     rng = np.random.default_rng(0)
     r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
@@ -189,6 +201,38 @@ def test_ops_match_cpu(cuda):
     assert abs(cuda.sum_of_squares(x) - cpu.sum_of_squares(x)) <= 1e-5 * cpu.sum_of_squares(x)
 
 
+@BOTH_MATMULS
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("acc", [False, True])
+def test_matmul_ops_match_cpu(cuda, gelu, acc):
+    # N, C, OC all different, so a swapped dimension or leading dimension in
+    # the row-major -> column-major mapping cannot pass; the fused GELU
+    # epilogues against the two separate CPU ops.
+    rng = np.random.default_rng(11)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    N, C, OC = 26, 16, 40
+    inp, w, b, dout, pre = r(N, C), r(OC, C), r(OC), r(N, OC), r(N, C)
+    ref = [np.empty((N, OC), np.float32), np.empty((N, OC), np.float32)]
+    got = [np.full((N, OC), np.nan, np.float32), np.full((N, OC), np.nan, np.float32)]
+    cpu.matmul_forward(ref[0], inp, w, b, gelu_out=ref[1] if gelu else None)
+    cuda.matmul_forward(got[0], inp, w, b, gelu_out=got[1] if gelu else None)
+    for g, c in zip(got[:1 + gelu], ref[:1 + gelu]):
+        assert rel_err(g, c) <= 1e-5
+    dw0, db0 = r(OC, C), r(OC)                    # what acc=True adds to
+    ref = [np.empty((N, C), np.float32), dw0.copy(), db0.copy()]
+    got = [np.full((N, C), np.nan, np.float32), dw0.copy() if acc else np.full((OC, C), np.nan, np.float32),
+           db0.copy() if acc else np.full(OC, np.nan, np.float32)]
+    kw = lambda: dict(acc=acc, gelu_inp=pre if gelu else None, gelu_scratch=np.empty((N, C), np.float32))  # noqa: E731
+    cpu.matmul_backward(*ref, dout, inp, w, **kw())
+    cuda.matmul_backward(*got, dout, inp, w, **kw())
+    for name, g, c in zip(("dinp", "dweight", "dbias"), got, ref):
+        assert rel_err(g, c) <= 1e-5, name
+    if cuda._lt is not None:                      # the fused epilogues really ran
+        kinds = {e for e, *_ in fake_cublaslt.calls[-3:]}
+        assert ("gelu_aux_bias" in kinds and "dgelu" in kinds) == gelu
+
+
+@BOTH_MATMULS
 @pytest.mark.parametrize("shard", [None, (1000, 9000)])
 def test_training_step_matches_cpu(cuda, shard):
     from llmpy.model import GPT

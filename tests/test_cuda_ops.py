@@ -132,32 +132,41 @@ def test_layernorm_backward(cuda, cp, acc):
 
 # ---------------------------------------------------------------------------- matmul
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_matmul_forward(cuda, cp, bias):
+# (bias, gelu): the GELU fused into the matmul's epilogue needs the leading
+# dimension a multiple of 8 (OC = 128); OC = 130 takes the unfused path.
+@pytest.mark.parametrize("bias,gelu", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("OC", [130, 128])
+def test_matmul_forward(cuda, cp, bias, gelu, OC):
     rng = np.random.default_rng(4)
-    N, C, OC = 65, 96, 130
+    N, C = 65, 96
     inp, w = rnd(rng, N, C), rnd(rng, OC, C)
     b = rnd(rng, OC) if bias else None
-    out = np.empty((N, OC), np.float32)
-    cpu.matmul_forward(out, inp, w, b)
-    g_out = nan(cp, N, OC)
-    cuda.matmul_forward(g_out, cp.asarray(inp), cp.asarray(w), None if b is None else cp.asarray(b))
+    out, act = np.empty((N, OC), np.float32), np.empty((N, OC), np.float32)
+    cpu.matmul_forward(out, inp, w, b, gelu_out=act if gelu else None)
+    g_out, g_act = nan(cp, N, OC), nan(cp, N, OC)
+    cuda.matmul_forward(g_out, cp.asarray(inp), cp.asarray(w), None if b is None else cp.asarray(b),
+                        gelu_out=g_act if gelu else None)
     assert rel_err(g_out, out) <= OP_RTOL
+    if gelu:
+        assert rel_err(g_act, act) <= OP_RTOL
 
 
 @pytest.mark.parametrize("acc", [False, True])
-@pytest.mark.parametrize("with_dinp", [True, False])
-def test_matmul_backward(cuda, cp, acc, with_dinp):
+@pytest.mark.parametrize("with_dinp,gelu", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("C", [96, 90])
+def test_matmul_backward(cuda, cp, acc, with_dinp, gelu, C):
     rng = np.random.default_rng(5)
-    N, C, OC = 65, 96, 130
-    inp, w, dout = rnd(rng, N, C), rnd(rng, OC, C), rnd(rng, N, OC)
+    N, OC = 65, 130
+    inp, w, dout, pre = rnd(rng, N, C), rnd(rng, OC, C), rnd(rng, N, OC), rnd(rng, N, C)
     dw0, db0 = rnd(rng, OC, C), rnd(rng, OC)
     dinp = np.empty((N, C), np.float32) if with_dinp else None
     dw, db = dw0.copy(), db0.copy()
-    cpu.matmul_backward(dinp, dw, db, dout, inp, w, acc=acc)
+    gk = dict(gelu_inp=pre, gelu_scratch=np.empty((N, C), np.float32)) if gelu else {}
+    cpu.matmul_backward(dinp, dw, db, dout, inp, w, acc=acc, **gk)
     g_dinp = nan(cp, N, C) if with_dinp else None
     g_dw, g_db = (cp.asarray(dw0), cp.asarray(db0)) if acc else (nan(cp, OC, C), nan(cp, OC))
-    cuda.matmul_backward(g_dinp, g_dw, g_db, cp.asarray(dout), cp.asarray(inp), cp.asarray(w), acc=acc)
+    cuda.matmul_backward(g_dinp, g_dw, g_db, cp.asarray(dout), cp.asarray(inp), cp.asarray(w), acc=acc,
+                         **(dict(gelu_inp=cp.asarray(pre)) if gelu else {}))
     if with_dinp:
         assert rel_err(g_dinp, dinp) <= OP_RTOL
     assert rel_err(g_dw, dw) <= OP_RTOL

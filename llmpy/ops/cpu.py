@@ -107,17 +107,28 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
 # ----------------------------------------------------------------------------
 # matmul: out = inp @ W^T + b, W stored (OC, C) as in llm.c (HF stores W^T)
 
-def matmul_forward(out, inp, weight, bias):
+# Optional fusion with the GELU that follows GPT-2's fc layer (on the GPU it
+# runs in the matmul's epilogue, saving passes over the (N, 4C) activations;
+# here it is simply the two ops in turn):
+#   forward  gelu_out given:  out = inp @ W^T + b,  gelu_out = gelu(out)
+#   backward gelu_inp given:  dinp = (dout @ W) * gelu'(gelu_inp), the
+#            gradient wrt the GELU's input; gelu_scratch has dinp's shape.
+
+def matmul_forward(out, inp, weight, bias, gelu_out=None):
     # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None
     np.matmul(inp, weight.T, out=out)
     if bias is not None:
         out += bias
+    if gelu_out is not None:
+        gelu_forward(gelu_out, out)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=None, gelu_scratch=None):
     # dinp = dout @ W (N, C);  dW = dout^T @ inp (OC, C);  db = sum_n dout (OC,)
     if dinp is not None:
         np.matmul(dout, weight, out=dinp)
+        if gelu_inp is not None:
+            gelu_backward(dinp, gelu_inp, dinp, gelu_scratch)
     if acc:
         dweight += dout.T @ inp
         if dbias is not None:

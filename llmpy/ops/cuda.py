@@ -11,9 +11,12 @@ Where the work is done:
   time by NVRTC through cupy.RawModule for the GPU in use, and cached: the
   encoder, layernorm, gelu, residual, the fused softmax + cross-entropy
   classifier, the attention softmax, AdamW and the sum of squares;
-- cuBLAS for the matmuls (cupy.cublas.gemm for the 2-D ones, whose beta = 1
-  accumulates a parameter gradient in place; cupy.matmul for attention's
-  batched ones).
+- cuBLASLt for the 2-D matmuls (ops/cublaslt.py, through nvmath-python),
+  with the bias, and GELU or its derivative for the fc layer, fused into the
+  GEMM epilogue and a beta = 1 GEMM accumulating parameter gradients in
+  place; without nvmath-python, cuBLAS through cupy.cublas.gemm and separate
+  bias / GELU passes (the same results);
+- cupy.matmul (cuBLAS) for attention's batched matmuls.
 
 This first version favours being checkable against cpu.py over speed. Next
 steps, in order: the matmuls through cuBLASLt (nvmath.bindings.cublasLt), with
@@ -50,6 +53,12 @@ _KERNELS = Path(__file__).parent / "kernels"
 _BLOCK = 256                # threads per block for elementwise kernels
 _LN_ROWS_PER_CHUNK = 32     # = LN_ROWS_PER_CHUNK in layernorm.cu
 _NORM_BLOCKS = 1024         # stage-1 blocks of sum_of_squares (fixed: deterministic)
+_BIAS_ROWS_PER_CHUNK = 64   # = BIAS_ROWS_PER_CHUNK in matmul.cu
+
+try:                        # cuBLASLt through nvmath-python, when installed
+    from . import cublaslt as _lt
+except ImportError:
+    _lt = None
 
 
 # ----------------------------------------------------------------------------
@@ -106,6 +115,27 @@ def synchronize():
     """Wait for every kernel queued so far (kernels run asynchronously: time a
     step only after this)."""
     cupy.cuda.get_current_stream().synchronize()
+
+
+def _ptr(a) -> int:
+    """The device address of an array's first element (for cuBLASLt)."""
+    return a.data.ptr
+
+
+def _stream() -> int:
+    return cupy.cuda.get_current_stream().ptr
+
+
+_scratch_buf = {}
+
+
+def _scratch(n: int):
+    """A float32 work buffer of at least n elements, kept and grown as needed
+    (the same buffer every step: no allocation in the steady state)."""
+    buf = _scratch_buf.get("f32")
+    if buf is None or buf.size < n:
+        buf = _scratch_buf["f32"] = cupy.empty(max(n, 1), dtype=cupy.float32)
+    return buf[:n]
 
 
 def _blocks(n: int, per_block: int = _BLOCK) -> int:
@@ -240,27 +270,71 @@ def _gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
     return out
 
 
-def matmul_forward(out, inp, weight, bias):
-    # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None
-    _floatx(out, inp, weight, bias)
-    _gemm("N", "T", inp, weight, out=out)
-    if bias is not None:
-        out += bias
+# Row-major tensors on a column-major BLAS: a row-major (R, C) buffer IS the
+# column-major C x R matrix, its transpose. So out = inp @ W^T, read
+# column-major, is out^T (OC x N) = W (OC x C) @ inp^T (C x N), where W is
+# stored as the column-major C x OC matrix W^T (hence op "T", ld C) and inp^T
+# is exactly inp's buffer (op "N", ld C). The backward products below are
+# transcribed the same way.
+
+def matmul_forward(out, inp, weight, bias, gelu_out=None):
+    # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None; with
+    # gelu_out (N, OC): also gelu_out = gelu(out) (see cpu.matmul_forward)
+    _floatx(out, inp, weight, bias, gelu_out)
+    OC, C = weight.shape
+    N = inp.size // C
+    if _lt is None:
+        _gemm("N", "T", inp, weight, out=out)
+        if bias is not None:
+            out += bias
+        if gelu_out is not None:
+            gelu_forward(gelu_out, out)
+        return
+    if gelu_out is not None and bias is not None and OC % 8 == 0:
+        # (cuBLASLt wants the aux matrix's leading dimension a multiple of 8)
+        # one pass: out = inp W^T + b kept as the epilogue's aux, gelu_out = gelu(out)
+        _lt.gemm("T", "N", OC, N, C, _ptr(weight), C, _ptr(inp), C, _ptr(gelu_out), OC, out.dtype,
+                 epilogue="gelu_aux_bias", bias=_ptr(bias), aux=_ptr(out), aux_ld=OC, stream=_stream())
+        return
+    _lt.gemm("T", "N", OC, N, C, _ptr(weight), C, _ptr(inp), C, _ptr(out), OC, out.dtype,
+             epilogue="default" if bias is None else "bias", bias=0 if bias is None else _ptr(bias),
+             stream=_stream())
+    if gelu_out is not None:
+        gelu_forward(gelu_out, out)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=None, gelu_scratch=None):
     # dinp = dout @ W (N, C);  dW (+)= dout^T @ inp (OC, C);  db (+)= sum_n dout (OC,)
-    _floatx(dinp, dweight, dbias, dout, inp, weight)
-    if dinp is not None:
-        _gemm("N", "N", dout, weight, out=dinp)
-    _gemm("T", "N", dout, inp, out=dweight, beta=1.0 if acc else 0.0)
+    # With gelu_inp (N, C): dinp = (dout @ W) * gelu'(gelu_inp) (the DGELU epilogue).
+    bf = _floatx(dinp, dweight, dbias, dout, inp, weight, gelu_inp)
+    OC, C = weight.shape
+    N = inp.size // C
+    if _lt is None:
+        if dinp is not None:
+            _gemm("N", "N", dout, weight, out=dinp)
+            if gelu_inp is not None:
+                gelu_backward(dinp, gelu_inp, dinp, None)
+        _gemm("T", "N", dout, inp, out=dweight, beta=1.0 if acc else 0.0)
+    else:
+        fuse_dgelu = gelu_inp is not None and C % 8 == 0    # aux leading dimension: a multiple of 8
+        if dinp is not None:
+            # dinp^T (C x N) = W^T (C x OC: W's buffer, op N, ld C) @ dout^T (OC x N: dout's buffer, ld OC)
+            _lt.gemm("N", "N", C, N, OC, _ptr(weight), C, _ptr(dout), OC, _ptr(dinp), C, dinp.dtype,
+                     epilogue="dgelu" if fuse_dgelu else "default",
+                     aux=_ptr(gelu_inp) if fuse_dgelu else 0, aux_ld=C, stream=_stream())
+            if gelu_inp is not None and not fuse_dgelu:
+                gelu_backward(dinp, gelu_inp, dinp, None)
+        # dW^T (C x OC) (+)= inp^T (C x N: inp's buffer, op N, ld C) @ dout (N x OC: dout's buffer, op T, ld OC)
+        _lt.gemm("N", "T", C, OC, N, _ptr(inp), C, _ptr(dout), OC, _ptr(dweight), C, dweight.dtype,
+                 beta=1.0 if acc else 0.0, stream=_stream())
     if dbias is not None:
-        # summed in float32 whatever the storage (N is large: a bf16 running
-        # sum would stop growing long before the end)
-        db = dout.sum(axis=0, dtype=np.float32)
-        if acc:
-            db += dbias.astype(np.float32)
-        dbias[...] = db
+        # our two-stage column sum: float32, fixed order (see matmul.cu)
+        nchunks = _blocks(N, _BIAS_ROWS_PER_CHUNK)
+        partial = _scratch(nchunks * OC)
+        _kernel("matmul.cu", "bias_backward_partial", bf)(
+            (_blocks(OC), nchunks), (_BLOCK,), (partial, dout, i32(N), i32(OC)))
+        _kernel("matmul.cu", "bias_backward_final", bf)(
+            (_blocks(OC),), (_BLOCK,), (dbias, partial, i32(nchunks), i32(OC), i32(1 if acc else 0)))
 
 
 # ----------------------------------------------------------------------------

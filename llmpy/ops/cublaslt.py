@@ -1,0 +1,134 @@
+"""Matrix multiplies through cuBLASLt on raw device pointers (nvmath.bindings.cublasLt).
+
+Why cuBLASLt and not cupy.matmul: its epilogues fuse what would otherwise be
+extra passes over memory (the bias add, GELU and its derivative), it takes
+raw pointers and a fixed workspace, so nothing is allocated per call (which a
+CUDA graph capture requires), and the plan (descriptors and the algorithm
+its heuristic picks) is made once per shape and reused.
+
+The interface is BLAS's, column-major, so that this file is only a careful
+transcription of the C API; cuda.py maps our row-major tensors onto it:
+
+    D (m x n, leading dimension ldd) = op(A) (m x k) @ op(B) (k x n) [+ beta * D]
+
+with op(X) = X for "N" and X^T for "T", A stored lda-strided, B ldb-strided,
+and then the epilogue on D:
+
+    "default"        nothing
+    "bias"           D += bias (a length-m vector, added to every column)
+    "gelu_aux_bias"  aux = D + bias; D = gelu(aux)     (aux m x n, ld aux_ld)
+    "dgelu"          D = D * gelu'(aux)                (aux: the pre-gelu values)
+
+Numerics: float32 compute (CUBLAS_COMPUTE_32F, no TF32) for both storage
+types: bf16 inputs and outputs with float32 accumulation, or float32 all
+through (matching the NumPy reference).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nvmath.bindings import cublasLt as lt
+
+CUDA_R_32F, CUDA_R_16BF = 0, 14          # cudaDataType_t
+CUBLAS_COMPUTE_32F = 68                   # cublasComputeType_t
+OPS = {"N": 0, "T": 1}                    # cublasOperation_t
+EPILOGUES = {"default": lt.Epilogue.DEFAULT, "bias": lt.Epilogue.BIAS,
+             "gelu_aux_bias": lt.Epilogue.GELU_AUX_BIAS, "dgelu": lt.Epilogue.DGELU}
+WORKSPACE_BYTES = 32 << 20                # cuBLASLt's recommendation for Hopper
+
+
+def _dtype_code(dtype) -> int:
+    return CUDA_R_32F if np.dtype(dtype) == np.float32 else CUDA_R_16BF
+
+
+class _State:
+    handle = None
+    workspace = None           # one fixed buffer, shared by every call (calls are serial on a stream)
+    plans: dict = {}           # key -> (desc, adesc, bdesc, ddesc, heuristic result)
+    scalars: dict = {}         # (alpha, beta) -> float32 host array kept alive
+
+
+def _init():
+    import cupy
+    if _State.handle is None:
+        _State.handle = lt.create()
+        _State.workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+
+
+def _set(setter, dtype_of, obj, attr, value):
+    """Set one attribute through a host buffer of the type cuBLASLt expects."""
+    buf = np.array([value], dtype=dtype_of(attr))
+    setter(obj, attr, buf.ctypes.data, buf.nbytes)
+
+
+def _alignment(ptr: int) -> int:
+    """The largest power of two (up to 256) dividing the address."""
+    return min(256, ptr & -ptr) if ptr else 256
+
+
+def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, aligns):
+    key = (transa, transb, m, n, k, lda, ldb, ldd, np.dtype(dtype).str, epilogue, aux_ld, aligns)
+    plan = _State.plans.get(key)
+    if plan is not None:
+        return plan
+    A = lt.MatmulDescAttribute
+    t = _dtype_code(dtype)
+    desc = lt.matmul_desc_create(CUBLAS_COMPUTE_32F, CUDA_R_32F)
+    set_desc = lambda attr, v: _set(lt.matmul_desc_set_attribute,  # noqa: E731
+                                    lt.get_matmul_desc_attribute_dtype, desc, attr, v)
+    set_desc(A.TRANSA, OPS[transa])
+    set_desc(A.TRANSB, OPS[transb])
+    set_desc(A.EPILOGUE, int(EPILOGUES[epilogue]))
+    if epilogue in ("gelu_aux_bias", "dgelu"):
+        set_desc(A.EPILOGUE_AUX_LD, aux_ld)
+    # layouts of A, B and D as stored (before op): rows x cols, column-major
+    adesc = lt.matrix_layout_create(t, m if transa == "N" else k, k if transa == "N" else m, lda)
+    bdesc = lt.matrix_layout_create(t, k if transb == "N" else n, n if transb == "N" else k, ldb)
+    ddesc = lt.matrix_layout_create(t, m, n, ldd)
+    pref = lt.matmul_preference_create()
+    P = lt.MatmulPreferenceAttribute
+    set_pref = lambda attr, v: _set(lt.matmul_preference_set_attribute,  # noqa: E731
+                                    lt.get_matmul_preference_attribute_dtype, pref, attr, v)
+    set_pref(P.MAX_WORKSPACE_BYTES, WORKSPACE_BYTES)
+    # The heuristic assumes 256-byte aligned matrices unless told otherwise;
+    # our operands are views into flat buffers (one layer's weights, one
+    # layer's activations), so say how aligned they really are.
+    a_align, b_align, d_align = aligns
+    set_pref(P.MIN_ALIGNMENT_A_BYTES, a_align)
+    set_pref(P.MIN_ALIGNMENT_B_BYTES, b_align)
+    set_pref(P.MIN_ALIGNMENT_C_BYTES, d_align)
+    set_pref(P.MIN_ALIGNMENT_D_BYTES, d_align)
+    result = lt.MatmulHeuristicResult(1)
+    found = np.zeros(1, dtype=np.int32)
+    # The pointer attributes (bias, aux) are set per call: the heuristic
+    # depends on the epilogue's kind, not on the addresses.
+    lt.matmul_algo_get_heuristic(_State.handle, desc, adesc, bdesc, ddesc, ddesc, pref, 1, result.ptr,
+                                 found.ctypes.data)
+    lt.matmul_preference_destroy(pref)
+    if found[0] == 0:
+        raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
+    plan = (desc, adesc, bdesc, ddesc, result)
+    _State.plans[key] = plan
+    return plan
+
+
+def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilogue="default",
+         bias=0, aux=0, aux_ld=0, stream=0):
+    """D = op(A) op(B) [+ beta D], then the epilogue; see the module docstring.
+    a, b, d, bias, aux are device pointers (ints); stream a cudaStream_t."""
+    _init()
+    aligns = (_alignment(a), _alignment(b), _alignment(d))
+    desc, adesc, bdesc, ddesc, result = _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld,
+                                              aligns)
+    A = lt.MatmulDescAttribute
+    set_desc = lambda attr, v: _set(lt.matmul_desc_set_attribute,  # noqa: E731
+                                    lt.get_matmul_desc_attribute_dtype, desc, attr, v)
+    if epilogue in ("bias", "gelu_aux_bias"):
+        set_desc(A.BIAS_POINTER, bias)
+    if epilogue in ("gelu_aux_bias", "dgelu"):
+        set_desc(A.EPILOGUE_AUX_POINTER, aux)
+    scal = _State.scalars.get(beta)
+    if scal is None:
+        scal = _State.scalars[beta] = np.array([1.0, beta], dtype=np.float32)   # alpha, beta
+    lt.matmul(_State.handle, desc, scal.ctypes.data, a, adesc, b, bdesc, scal.ctypes.data + 4, d, ddesc,
+              d, ddesc, result.ptr, _State.workspace.data.ptr, WORKSPACE_BYTES, stream)

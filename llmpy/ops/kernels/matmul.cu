@@ -1,0 +1,31 @@
+// matmul.cu: the bias gradient of a matmul, dbias[o] (+)= sum_n dout[n, o].
+// (The products themselves are cuBLASLt's; see ops/cublaslt.py.)
+//
+// A sum down the columns of dout (N, OC), in float32 whatever the storage (N
+// is B * T, tens of thousands: a bf16 running sum would stop growing long
+// before the end), in a fixed order so that runs repeat bit for bit: stage 1
+// sums chunks of BIAS_ROWS_PER_CHUNK rows into partial[chunk, o], one thread
+// per column (threads along o read coalesced); stage 2 adds the chunks up in
+// order. Grid of stage 1: (ceil(OC / block), chunks).
+#include "common.cuh"
+
+#define BIAS_ROWS_PER_CHUNK 64
+
+extern "C" __global__ void bias_backward_partial(float* partial, const floatX* dout, int N, int OC) {
+    int o = blockIdx.x * blockDim.x + threadIdx.x;
+    int chunk = blockIdx.y;
+    if (o >= OC) return;
+    int n0 = chunk * BIAS_ROWS_PER_CHUNK, n1 = min(n0 + BIAS_ROWS_PER_CHUNK, N);
+    float s = 0.0f;
+    for (int n = n0; n < n1; n++) s += to_f(dout[(long long)n * OC + o]);
+    partial[(long long)chunk * OC + o] = s;
+}
+
+// Stage 2: one thread per column; acc = 0 overwrites dbias, acc = 1 adds.
+extern "C" __global__ void bias_backward_final(floatX* dbias, const float* partial, int nchunks, int OC, int acc) {
+    int o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= OC) return;
+    float s = 0.0f;
+    for (int k = 0; k < nchunks; k++) s += partial[(long long)k * OC + o];
+    dbias[o] = from_f(acc ? to_f(dbias[o]) + s : s);
+}

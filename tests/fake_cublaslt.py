@@ -1,0 +1,55 @@
+"""A stand-in for llmpy/ops/cublaslt.py on the CPU: the same `gemm` call,
+column-major BLAS semantics, computed with NumPy on the memory the pointers
+address. Written from cuBLAS's definition, independently of how cuda.py
+maps row-major tensors onto it, so a wrong transpose, leading dimension or
+m/n/k in that mapping gives wrong numbers in tests/test_cuda_host.py.
+
+D (m x n, ld ldd) = op(A) @ op(B) [+ beta D], float32 accumulation, then
+the epilogue ("bias": + bias per row of D; "gelu_aux_bias": aux = D + bias,
+D = gelu(aux); "dgelu": D *= gelu'(aux)), rounded once into D's type.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from llmpy.ops import cpu
+
+calls = []      # (epilogue, m, n, k) of every call, for tests that check the fused paths ran
+
+
+def _matrix(ptr, rows, cols, ld, dtype):
+    """The column-major rows x cols matrix at ptr with leading dimension ld, as a writable view."""
+    assert ptr, "null pointer"
+    assert ld >= max(1, rows), f"leading dimension {ld} < rows {rows}"
+    dtype = np.dtype(dtype)
+    count = ld * (cols - 1) + rows
+    flat = np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(ptr), dtype=dtype, count=count)
+    return np.lib.stride_tricks.as_strided(flat, shape=(rows, cols), strides=(dtype.itemsize, ld * dtype.itemsize))
+
+
+def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilogue="default",
+         bias=0, aux=0, aux_ld=0, stream=0):
+    calls.append((epilogue, m, n, k))
+    A = _matrix(a, m if transa == "N" else k, k if transa == "N" else m, lda, dtype)
+    B = _matrix(b, k if transb == "N" else n, n if transb == "N" else k, ldb, dtype)
+    D = _matrix(d, m, n, ldd, dtype)
+    opA = A if transa == "N" else A.T
+    opB = B if transb == "N" else B.T
+    acc = opA.astype(np.float32) @ opB.astype(np.float32)
+    if beta:
+        acc += np.float32(beta) * D.astype(np.float32)
+    if epilogue in ("bias", "gelu_aux_bias"):
+        acc += _matrix(bias, m, 1, m, dtype).astype(np.float32)
+    if epilogue == "gelu_aux_bias":
+        _matrix(aux, m, n, aux_ld, dtype)[...] = acc
+        pre = acc.copy()
+        cpu.gelu_forward(acc, pre)
+    elif epilogue == "dgelu":
+        pre = np.ascontiguousarray(_matrix(aux, m, n, aux_ld, dtype).astype(np.float32))
+        grad = acc.copy()
+        cpu.gelu_backward(acc, pre, grad, np.empty_like(pre))
+    else:
+        assert epilogue in ("default", "bias"), epilogue
+    D[...] = acc
