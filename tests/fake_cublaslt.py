@@ -4,7 +4,8 @@ address. Written from cuBLAS's definition, independently of how cuda.py
 maps row-major tensors onto it, so a wrong transpose, leading dimension or
 m/n/k in that mapping gives wrong numbers in tests/test_cuda_host.py.
 
-D (m x n, ld ldd) = op(A) @ op(B) [+ beta D], float32 accumulation, then
+D (m x n, ld ldd) = op(A) @ op(B) [+ beta D], float32 accumulation (batch
+times, the pointers advanced by their strides), then
 the epilogue ("bias": + bias per row of D; "gelu_aux_bias": aux = D + bias,
 D = gelu(aux); "dgelu": D *= gelu'(aux)), rounded once into D's type.
 """
@@ -30,8 +31,15 @@ def _matrix(ptr, rows, cols, ld, dtype):
 
 
 def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilogue="default",
-         bias=0, aux=0, aux_ld=0, stream=0):
+         bias=0, aux=0, aux_ld=0, stream=0, batch=1, a_stride=0, b_stride=0, d_stride=0):
     calls.append((epilogue, m, n, k))
+    if batch > 1:       # strided batched: matrix i starts stride * i elements further on
+        assert epilogue == "default", "the batched products here have no epilogue"
+        size = np.dtype(dtype).itemsize
+        for i in range(batch):
+            gemm(transa, transb, m, n, k, a + i * a_stride * size, lda, b + i * b_stride * size, ldb,
+                 d + i * d_stride * size, ldd, dtype, beta)
+        return
     A = _matrix(a, m if transa == "N" else k, k if transa == "N" else m, lda, dtype)
     B = _matrix(b, k if transb == "N" else n, n if transb == "N" else k, ldb, dtype)
     D = _matrix(d, m, n, ldd, dtype)

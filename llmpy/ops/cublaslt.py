@@ -12,7 +12,8 @@ transcription of the C API; cuda.py maps our row-major tensors onto it:
     D (m x n, leading dimension ldd) = op(A) (m x k) @ op(B) (k x n) [+ beta * D]
 
 with op(X) = X for "N" and X^T for "T", A stored lda-strided, B ldb-strided,
-and then the epilogue on D:
+repeated `batch` times with A, B and D advanced by a_stride, b_stride and
+d_stride elements each time (strided batched GEMM), and then the epilogue on D:
 
     "default"        nothing
     "bias"           D += bias (a length-m vector, added to every column)
@@ -66,8 +67,19 @@ def _alignment(ptr: int) -> int:
     return min(256, ptr & -ptr) if ptr else 256
 
 
-def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, aligns):
-    key = (transa, transb, m, n, k, lda, ldb, ldd, np.dtype(dtype).str, epilogue, aux_ld, aligns)
+def _layout(t, rows, cols, ld, batch, stride):
+    layout = lt.matrix_layout_create(t, rows, cols, ld)
+    if batch > 1:
+        L = lt.MatrixLayoutAttribute
+        set_layout = lambda attr, v: _set(lt.matrix_layout_set_attribute,  # noqa: E731
+                                          lt.get_matrix_layout_attribute_dtype, layout, attr, v)
+        set_layout(L.BATCH_COUNT, batch)
+        set_layout(L.STRIDED_BATCH_OFFSET, stride)
+    return layout
+
+
+def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, aligns, batch, strides):
+    key = (transa, transb, m, n, k, lda, ldb, ldd, np.dtype(dtype).str, epilogue, aux_ld, aligns, batch, strides)
     plan = _State.plans.get(key)
     if plan is not None:
         return plan
@@ -82,9 +94,10 @@ def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, align
     if epilogue in ("gelu_aux_bias", "dgelu"):
         set_desc(A.EPILOGUE_AUX_LD, aux_ld)
     # layouts of A, B and D as stored (before op): rows x cols, column-major
-    adesc = lt.matrix_layout_create(t, m if transa == "N" else k, k if transa == "N" else m, lda)
-    bdesc = lt.matrix_layout_create(t, k if transb == "N" else n, n if transb == "N" else k, ldb)
-    ddesc = lt.matrix_layout_create(t, m, n, ldd)
+    a_stride, b_stride, d_stride = strides
+    adesc = _layout(t, m if transa == "N" else k, k if transa == "N" else m, lda, batch, a_stride)
+    bdesc = _layout(t, k if transb == "N" else n, n if transb == "N" else k, ldb, batch, b_stride)
+    ddesc = _layout(t, m, n, ldd, batch, d_stride)
     pref = lt.matmul_preference_create()
     P = lt.MatmulPreferenceAttribute
     set_pref = lambda attr, v: _set(lt.matmul_preference_set_attribute,  # noqa: E731
@@ -113,13 +126,13 @@ def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, align
 
 
 def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilogue="default",
-         bias=0, aux=0, aux_ld=0, stream=0):
+         bias=0, aux=0, aux_ld=0, stream=0, batch=1, a_stride=0, b_stride=0, d_stride=0):
     """D = op(A) op(B) [+ beta D], then the epilogue; see the module docstring.
     a, b, d, bias, aux are device pointers (ints); stream a cudaStream_t."""
     _init()
     aligns = (_alignment(a), _alignment(b), _alignment(d))
     desc, adesc, bdesc, ddesc, result = _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld,
-                                              aligns)
+                                              aligns, batch, (a_stride, b_stride, d_stride))
     A = lt.MatmulDescAttribute
     set_desc = lambda attr, v: _set(lt.matmul_desc_set_attribute,  # noqa: E731
                                     lt.get_matmul_desc_attribute_dtype, desc, attr, v)

@@ -41,6 +41,7 @@ included), so a run is meant to repeat bit for bit on the same GPU
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import cupy
@@ -55,10 +56,15 @@ _LN_ROWS_PER_CHUNK = 32     # = LN_ROWS_PER_CHUNK in layernorm.cu
 _NORM_BLOCKS = 1024         # stage-1 blocks of sum_of_squares (fixed: deterministic)
 _BIAS_ROWS_PER_CHUNK = 64   # = BIAS_ROWS_PER_CHUNK in matmul.cu
 
-try:                        # cuBLASLt through nvmath-python, when installed
-    from . import cublaslt as _lt
-except ImportError:
-    _lt = None
+# cuBLASLt through nvmath-python when it imports (LLMPY_CUBLASLT=0 turns it
+# off, to compare); otherwise cuBLAS through CuPy. matmul_library says which.
+_lt, matmul_library = None, "cublas (cupy)"
+if os.environ.get("LLMPY_CUBLASLT", "1") != "0":
+    try:
+        from . import cublaslt as _lt
+        matmul_library = "cublaslt (nvmath)"
+    except Exception as e:      # ImportError, or an nvmath that does not match the CUDA install
+        matmul_library = f"cublas (cupy); cuBLASLt unavailable: {type(e).__name__}: {e}"
 
 
 # ----------------------------------------------------------------------------
@@ -129,12 +135,14 @@ def _stream() -> int:
 _scratch_buf = {}
 
 
-def _scratch(n: int):
-    """A float32 work buffer of at least n elements, kept and grown as needed
-    (the same buffer every step: no allocation in the steady state)."""
-    buf = _scratch_buf.get("f32")
+def _scratch(n: int, dtype=np.float32, slot: str = "reduce"):
+    """A work buffer of at least n elements of dtype, one per (slot, dtype),
+    kept and grown as needed (the same memory every step: no allocation in
+    the steady state, which CUDA graph capture needs)."""
+    key = (slot, np.dtype(dtype).str)
+    buf = _scratch_buf.get(key)
     if buf is None or buf.size < n:
-        buf = _scratch_buf["f32"] = cupy.empty(max(n, 1), dtype=cupy.float32)
+        buf = _scratch_buf[key] = cupy.empty(max(n, 1), dtype=dtype)
     return buf[:n]
 
 
@@ -360,9 +368,68 @@ def _split_heads(x, B, T, NH):
     return x[0], x[1], x[2]
 
 
+# With cuBLASLt: heads moved into the batch by our kernels into scratch
+# buffers, then strided batched GEMMs over the B * NH (T, hs) matrices. The
+# row-major products, transcribed for the column-major GEMM as in matmul:
+#   pre = q k^T:   pre^T (T x T)  = k (op T, ld hs) . q^T (op N, ld hs)
+#   y = att v:     y^T  (hs x T)  = v^T (op N, ld hs) . att^T (op N, ld T)
+#   dv = att^T dy: dv^T (hs x T)  = dy^T (op N, ld hs) . att (op T, ld T)
+#   datt = dy v^T: datt^T (T x T) = v (op T, ld hs) . dy^T (op N, ld hs)
+#   dq = dpre k:   dq^T (hs x T)  = k^T (op N, ld hs) . dpre^T (op N, ld T)
+#   dk = dpre^T q: dk^T (hs x T)  = q^T (op N, ld hs) . dpre (op T, ld T)
+
+def _bgemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, batch):
+    """One strided batched product over `batch` contiguous matrices of each operand."""
+    _lt.gemm(transa, transb, m, n, k, _ptr(a), lda, _ptr(b), ldb, _ptr(d), ldd, d.dtype, stream=_stream(),
+             batch=batch, a_stride=a.size // batch, b_stride=b.size // batch, d_stride=d.size // batch)
+
+
+def _heads(B, NH, T, hs, dtype, names):
+    """(B, NH, T, hs) scratch tensors, one per name."""
+    n = B * NH * T * hs
+    return [_scratch(n, dtype, slot=name).reshape(B, NH, T, hs) for name in names]
+
+
+def _attention_forward_lt(out, att, qkv, n_head, bf):
+    B, T, C3 = qkv.shape
+    NH, hs = n_head, C3 // (3 * n_head)
+    n, BH = B * T * C3 // 3, B * n_head
+    q, k, v, y = _heads(B, NH, T, hs, out.dtype, ("q", "k", "v", "y"))
+    _kernel("attention.cu", "attention_split_heads", bf)(
+        (_blocks(n),), (_BLOCK,), (q, k, v, qkv, i64(n), i32(T), i32(NH), i32(hs)))
+    _bgemm("T", "N", T, T, hs, k, hs, q, hs, att, T, BH)
+    _kernel("attention.cu", "attention_softmax_forward", bf)(
+        (_blocks(BH * T, _BLOCK // 32),), (_BLOCK,), (att, f32(1.0 / math.sqrt(hs)), i32(BH * T), i32(T)))
+    _bgemm("N", "N", hs, T, T, v, hs, att, T, y, hs, BH)
+    _kernel("attention.cu", "attention_heads_bthd", bf)(
+        (_blocks(n),), (_BLOCK,), (out, y, i64(n), i32(T), i32(NH), i32(hs), i32(1)))
+
+
+def _attention_backward_lt(dqkv, dout, qkv, att, datt, n_head, bf):
+    B, T, C3 = qkv.shape
+    NH, hs = n_head, C3 // (3 * n_head)
+    n, BH = B * T * C3 // 3, B * n_head
+    q, k, v, dy = _heads(B, NH, T, hs, dout.dtype, ("q", "k", "v", "y"))
+    dq, dk, dv = _heads(B, NH, T, hs, dout.dtype, ("dq", "dk", "dv"))
+    _kernel("attention.cu", "attention_split_heads", bf)(
+        (_blocks(n),), (_BLOCK,), (q, k, v, qkv, i64(n), i32(T), i32(NH), i32(hs)))
+    _kernel("attention.cu", "attention_heads_bthd", bf)(
+        (_blocks(n),), (_BLOCK,), (dout, dy, i64(n), i32(T), i32(NH), i32(hs), i32(0)))
+    _bgemm("N", "T", hs, T, T, dy, hs, att, T, dv, hs, BH)
+    _bgemm("T", "N", T, T, hs, v, hs, dy, hs, datt, T, BH)
+    _kernel("attention.cu", "attention_softmax_backward", bf)(
+        (_blocks(BH * T, _BLOCK // 32),), (_BLOCK,), (datt, att, f32(1.0 / math.sqrt(hs)), i32(BH * T), i32(T)))
+    _bgemm("N", "N", hs, T, T, k, hs, datt, T, dq, hs, BH)
+    _bgemm("N", "T", hs, T, T, q, hs, datt, T, dk, hs, BH)
+    _kernel("attention.cu", "attention_merge_heads_qkv", bf)(
+        (_blocks(n),), (_BLOCK,), (dqkv, dq, dk, dv, i64(n), i32(T), i32(NH), i32(hs)))
+
+
 def attention_forward(out, att, qkv, n_head):
     # out (B, T, C); att (B, NH, T, T) keeps the probabilities; qkv (B, T, 3C)
-    bf = _floatx(out, att)
+    bf = _floatx(out, att, qkv)
+    if _lt is not None:
+        return _attention_forward_lt(out, att, qkv, n_head, bf)
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     q, k, v = (cupy.ascontiguousarray(a) for a in _split_heads(qkv, B, T, n_head))
@@ -379,7 +446,9 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head):
     # datt is scratch of att's shape. See cpu.attention_backward for the math:
     #   dv = att^T dy,  datt = dy v^T,  dpre = scale * att * (datt - rowsum(datt * att)),
     #   dq = dpre k,  dk = dpre^T q
-    bf = _floatx(dqkv, dout, att, datt)
+    bf = _floatx(dqkv, dout, att, datt, qkv)
+    if _lt is not None:
+        return _attention_backward_lt(dqkv, dout, qkv, att, datt, n_head, bf)
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     q, k, v = (cupy.ascontiguousarray(a) for a in _split_heads(qkv, B, T, n_head))

@@ -53,3 +53,53 @@ extern "C" __global__ void attention_softmax_backward(floatX* datt, const floatX
         drow[j] = from_f(scale * a * (to_f(drow[j]) - dot));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Moving heads in and out of the batch dimension, for the batched GEMMs:
+// qkv (B, T, 3, NH, hs) <-> q, k, v each (B, NH, T, hs), and the attention
+// output y (B, NH, T, hs) <-> out (B, T, NH, hs) = (B, T, C). One thread per
+// element of one (B, NH, T, hs) tensor; i is its index there.
+
+__device__ __forceinline__ long long bthd_index(long long i, int T, int NH, int hs, int heads_per_row) {
+    // (b, h, t, d) of i in (B, NH, T, hs) -> index of (b, t, h, d) in rows of heads_per_row * hs values
+    int d = (int)(i % hs);
+    long long r = i / hs;
+    int t = (int)(r % T);
+    r /= T;
+    int h = (int)(r % NH);
+    long long b = r / NH;
+    return ((b * T + t) * heads_per_row + h) * hs + d;
+}
+
+// q, k, v <- qkv (forward). n = B * NH * T * hs.
+extern "C" __global__ void attention_split_heads(floatX* q, floatX* k, floatX* v, const floatX* qkv,
+                                                 long long n, int T, int NH, int hs) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long j = bthd_index(i, T, NH, hs, 3 * NH);   // q of (b, t, h, d); k and v follow NH * hs later
+    q[i] = qkv[j];
+    k[i] = qkv[j + NH * hs];
+    v[i] = qkv[j + 2 * NH * hs];
+}
+
+// dqkv <- dq, dk, dv (backward of the split: the same copy the other way).
+extern "C" __global__ void attention_merge_heads_qkv(floatX* dqkv, const floatX* dq, const floatX* dk,
+                                                     const floatX* dv, long long n, int T, int NH, int hs) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long j = bthd_index(i, T, NH, hs, 3 * NH);
+    dqkv[j] = dq[i];
+    dqkv[j + NH * hs] = dk[i];
+    dqkv[j + 2 * NH * hs] = dv[i];
+}
+
+// out (B, T, NH, hs) <- y (B, NH, T, hs) when to_bthd = 1 (forward);
+// y <- out when to_bthd = 0 (the backward takes dy from dout this way).
+extern "C" __global__ void attention_heads_bthd(floatX* out, floatX* y, long long n, int T, int NH, int hs,
+                                                int to_bthd) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long j = bthd_index(i, T, NH, hs, NH);
+    if (to_bthd) out[j] = y[i];
+    else y[i] = out[j];
+}
