@@ -79,7 +79,7 @@ class FlatTensors:
 class Activations:
     """Everything the forward pass keeps for the backward pass, for one (B, T)."""
 
-    def __init__(self, cfg: GPTConfig, B: int, T: int, xp, dtype=np.float32):
+    def __init__(self, cfg: GPTConfig, B: int, T: int, xp, dtype=np.float32, ops=None):
         L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
         N = B * T
         z = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731  storage type of the activations
@@ -88,7 +88,10 @@ class Activations:
         self.encoded = z(N, C)               # residual stream entering layer 0
         self.ln1, self.ln1_mean, self.ln1_rstd = z(L, N, C), f32(L, N), f32(L, N)
         self.qkv = z(L, N, 3 * C)
-        self.att = z(L, B, NH, T, T)         # softmax probabilities
+        # what attention keeps for its backward: the softmax probabilities
+        # (B, NH, T, T), or less (flash attention keeps a logsumexp per row)
+        att_shape, att_dtype, datt_shape = ops.attention_saved(B, NH, T, C // NH, dtype)
+        self.att = xp.empty((L, *att_shape), dtype=att_dtype)
         self.atty = z(L, N, C)               # attention output, before attproj
         self.residual2 = z(L, N, C)          # x + attention branch
         self.ln2, self.ln2_mean, self.ln2_rstd = z(L, N, C), f32(L, N), f32(L, N)
@@ -108,7 +111,7 @@ class Activations:
         self.d4C = z(N, 4 * C)               # dfch_gelu, then dfch in place
         self.scratch4C = z(N, 4 * C)
         self.ln_scratch = f32(2, N, C)       # float32 partial sums of dweight, dbias
-        self.datt = z(B, NH, T, T)
+        self.datt = z(*datt_shape)
 
 
 class GPT:
@@ -179,7 +182,7 @@ class GPT:
             if len(self._acts_by_shape) >= 2:
                 # free the least recently used set before allocating the new one
                 self._acts_by_shape.pop(next(iter(self._acts_by_shape)))
-            self._acts_by_shape[(B, T)] = Activations(self.config, B, T, self.xp, self.storage)
+            self._acts_by_shape[(B, T)] = Activations(self.config, B, T, self.xp, self.storage, self.ops)
         self.acts = self._acts_by_shape.pop((B, T))
         self._acts_by_shape[(B, T)] = self.acts   # most recently used goes last
         return self.acts
@@ -284,7 +287,8 @@ class GPT:
             # attention branch: d(attproj) = dres again
             ops.matmul_backward(a.dC, g.attprojw[l], g.attprojb[l], dres, a.atty[l], p.attprojw[l], acc=acc)
             ops.attention_backward(a.dqkv.reshape(B, T, 3 * C), a.dC.reshape(B, T, C),
-                                   a.qkv[l].reshape(B, T, 3 * C), a.att[l], a.datt, NH)
+                                   a.qkv[l].reshape(B, T, 3 * C), a.att[l], a.datt, NH,
+                                   out=a.atty[l].reshape(B, T, C))
             ops.matmul_backward(a.dC, g.qkvw[l], g.qkvb[l], a.dqkv, a.ln1[l], p.qkvw[l], acc=acc)
             ops.layernorm_backward(dres, g.ln1w[l], g.ln1b[l], a.dC, x, p.ln1w[l],
                                    a.ln1_mean[l], a.ln1_rstd[l], a.ln_scratch, acc=acc)

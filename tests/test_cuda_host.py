@@ -39,8 +39,9 @@ pytestmark = pytest.mark.skipif(cudasim.available() is not None, reason=str(cuda
 try:
     import ml_dtypes
     BF16 = np.dtype(ml_dtypes.bfloat16)
+    import fake_cudnn_attention
 except ImportError:          # the bf16 tests skip
-    ml_dtypes = BF16 = None
+    ml_dtypes = BF16 = fake_cudnn_attention = None
 KERNELS = Path(__file__).resolve().parent.parent / "llmpy" / "ops" / "kernels"
 
 
@@ -150,6 +151,8 @@ def cuda(monkeypatch, request):
     monkeypatch.setattr(cuda_mod, "_ptr", lambda a: a.ctypes.data)
     monkeypatch.setattr(cuda_mod, "_stream", lambda: 0)
     monkeypatch.setattr(cuda_mod, "_scratch_buf", {})
+    monkeypatch.setattr(cuda_mod, "_cudnn_att", fake_cudnn_attention if BF16 is not None else None)
+    monkeypatch.setattr(cuda_mod, "_cudnn_verdicts", {})
     yield cuda_mod
     if imported_here:   # imported against the stand-in: forget it, so nothing else sees it
         sys.modules.pop("llmpy.ops.cuda", None)
@@ -324,6 +327,7 @@ def test_train_cli_on_the_cuda_backend(cuda, tmp_path, capsys):
     assert main(args + ["--stop-at", "2"]) == 0
     assert main(args + ["--resume"]) == 0
     assert ("classifier.cu", True) in cuda._modules        # the bf16 kernels did the work
+    assert "backward" in fake_cudnn_attention.calls         # and attention took the flash route
     out = capsys.readouterr().out
     assert "sample after 4 steps" in out
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

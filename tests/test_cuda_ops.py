@@ -410,3 +410,28 @@ def test_bf16_training_loss_tracks_fp32(cp):
     bf16_checks = pytest.importorskip("bf16_checks")
     worst = bf16_checks.loss_tracks_fp32(cp, steps=100)
     print(f"100 steps: worst |bf16 - fp32| / fp32 loss = {worst:.2e}")
+
+
+@pytest.mark.parametrize("B,T,NH,hs", [(2, 37, 4, 16), (4, 1024, 12, 64)])
+def test_attention_cudnn_bf16(cuda, cp, B, T, NH, hs):
+    # cuDNN flash attention (bf16) against the fp32 NumPy reference on the
+    # same bf16-exact inputs; and cuda.py's first-use check must accept it.
+    if cuda._cudnn_att is None:
+        pytest.skip(f"no cuDNN frontend: {cuda.attention_library}")
+    import ml_dtypes
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert cuda._cudnn_ok(B, NH, T, hs), "cuDNN attention was turned off (see the message above)"
+    rng = np.random.default_rng(21)
+    C = NH * hs
+    qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32).astype(bf16)
+    dout = rng.standard_normal((B, T, C), dtype=np.float32).astype(bf16)
+    out, att = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32)
+    dqkv = np.empty((B, T, 3 * C), np.float32)
+    cpu.attention_forward(out, att, qkv.astype(np.float32), NH)
+    cpu.attention_backward(dqkv, dout.astype(np.float32), qkv.astype(np.float32), att, np.empty_like(att), NH)
+    g_out, g_stats = cp.full((B, T, C), np.nan, dtype=bf16), cp.full((B, NH, T), np.nan, dtype=np.float32)
+    g_dqkv = cp.full((B, T, 3 * C), np.nan, dtype=bf16)
+    cuda.attention_forward(g_out, g_stats, cp.asarray(qkv), NH)
+    cuda.attention_backward(g_dqkv, cp.asarray(dout), cp.asarray(qkv), g_stats, None, NH, out=g_out)
+    assert rel_err(g_out.astype(np.float32), out) <= 1e-2
+    assert rel_err(g_dqkv.astype(np.float32), dqkv) <= 2e-2

@@ -149,6 +149,12 @@ def _split_heads(x, B, T, NH):
     return x[0], x[1], x[2]
 
 
+def attention_saved(B, NH, T, hs, dtype):
+    """Shape and dtype of what attention_forward keeps (`att`: the softmax
+    probabilities) and the shape of the backward's scratch `datt`."""
+    return (B, NH, T, T), dtype, (B, NH, T, T)
+
+
 def attention_forward(out, att, qkv, n_head):
     # out (B, T, C); att (B, NH, T, T) keeps the softmax probabilities for the
     # backward pass; qkv (B, T, 3C).
@@ -166,9 +172,10 @@ def attention_forward(out, att, qkv, n_head):
     np.matmul(att, v, out=y)
 
 
-def attention_backward(dqkv, dout, qkv, att, datt, n_head):
+def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     # dqkv (B, T, 3C) overwritten; dout (B, T, C); att (B, NH, T, T) from the
-    # forward pass; datt is scratch of att's shape.
+    # forward pass; datt is scratch of att's shape; out (the forward's output)
+    # is not needed here.
     #   dv = att^T dy,  datt = dy v^T,
     #   softmax: dpre = att * (datt - sum_s(datt * att))   (row-wise)
     #   pre = q k^T * scale:  dq = dpre k * scale,  dk = dpre^T q * scale

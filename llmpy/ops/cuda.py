@@ -123,6 +123,16 @@ def synchronize():
     cupy.cuda.get_current_stream().synchronize()
 
 
+# cuDNN flash attention for bf16, when the cuDNN frontend imports
+# (LLMPY_CUDNN=0 turns it off); see ops/cudnn_attention.py and attention_saved.
+_cudnn_att, attention_library = None, "batched GEMM + our softmax kernels"
+if os.environ.get("LLMPY_CUDNN", "1") != "0":
+    try:
+        from . import cudnn_attention as _cudnn_att
+    except Exception as e:      # no cudnn frontend, or no libcudnn
+        attention_library += f" (cuDNN unavailable: {type(e).__name__}: {e})"
+
+
 def _ptr(a) -> int:
     """The device address of an array's first element (for cuBLASLt)."""
     return a.data.ptr
@@ -425,8 +435,65 @@ def _attention_backward_lt(dqkv, dout, qkv, att, datt, n_head, bf):
         (_blocks(n),), (_BLOCK,), (dqkv, dq, dk, dv, i64(n), i32(T), i32(NH), i32(hs)))
 
 
+_cudnn_verdicts: dict = {}
+
+
+def attention_saved(B, NH, T, hs, dtype):
+    """What attention_forward keeps for the backward pass, for this shape and
+    storage type: (shape, dtype) of `att`, and the shape of the scratch
+    `datt`. The probabilities (B, NH, T, T) for our batched-GEMM path; with
+    cuDNN flash attention (bf16 only) just the logsumexp of each row,
+    (B, NH, T) float32, and no scratch."""
+    if np.dtype(dtype) != np.float32 and _cudnn_att is not None and _cudnn_ok(B, NH, T, hs):
+        return (B, NH, T), np.float32, (1,)
+    return (B, NH, T, T), dtype, (B, NH, T, T)
+
+
+def _cudnn_ok(B, NH, T, hs) -> bool:
+    """Run cuDNN once on random data of this shape and compare it with our own
+    path; any error or disagreement turns cuDNN off for the shape, saying why."""
+    key = (B, NH, T, hs)
+    if key not in _cudnn_verdicts:
+        import sys
+        bf16 = _bf16_dtype()
+        C = NH * hs
+        try:
+            rng = np.random.default_rng(0)
+            qkv = cupy.asarray(rng.standard_normal((B, T, 3 * C), dtype=np.float32).astype(bf16))
+            dout = cupy.asarray(rng.standard_normal((B, T, C), dtype=np.float32).astype(bf16))
+            out, stats, dqkv = cupy.empty((B, T, C), bf16), cupy.empty((B, NH, T), np.float32), cupy.empty_like(qkv)
+            attention_forward(out, stats, qkv, NH)
+            attention_backward(dqkv, dout, qkv, stats, None, NH, out=out)
+            ref_out, att, ref_dqkv = cupy.empty_like(out), cupy.empty((B, NH, T, T), bf16), cupy.empty_like(qkv)
+            attention_forward(ref_out, att, qkv, NH)
+            attention_backward(ref_dqkv, dout, qkv, att, cupy.empty_like(att), NH)
+            del att
+
+            def err(a, b):
+                a, b = a.astype(np.float32), b.astype(np.float32)
+                return float(cupy.linalg.norm(a - b) / cupy.linalg.norm(b))
+            e_out, e_dqkv = err(out, ref_out), err(dqkv, ref_dqkv)
+            ok = e_out <= 2e-2 and e_dqkv <= 2e-2
+            why = f"differs from our kernels (rel. error out {e_out:.1e}, dqkv {e_dqkv:.1e})"
+        except Exception as e:
+            ok, why = False, f"{type(e).__name__}: {str(e)[:300]}"
+        if not ok:
+            print(f"llmpy: cuDNN attention off for B={B} NH={NH} T={T} hs={hs}: {why}; using batched GEMMs",
+                  file=sys.stderr)
+        _cudnn_verdicts[key] = ok
+    return _cudnn_verdicts[key]
+
+
 def attention_forward(out, att, qkv, n_head):
-    # out (B, T, C); att (B, NH, T, T) keeps the probabilities; qkv (B, T, 3C)
+    # out (B, T, C); att keeps what the backward needs: (B, NH, T, T)
+    # probabilities, or (B, NH, T) float32 row logsumexps for cuDNN (see
+    # attention_saved); qkv (B, T, 3C)
+    if att.ndim == 3:
+        _floatx(out, qkv)
+        _f32(att)
+        B, T, C3 = qkv.shape
+        _cudnn_att.forward(_ptr(out), _ptr(att), _ptr(qkv), B, n_head, T, C3 // (3 * n_head), _stream())
+        return
     bf = _floatx(out, att, qkv)
     if _lt is not None:
         return _attention_forward_lt(out, att, qkv, n_head, bf)
@@ -441,11 +508,18 @@ def attention_forward(out, att, qkv, n_head):
     out.reshape(B, T, n_head, hs)[...] = y.transpose(0, 2, 1, 3)
 
 
-def attention_backward(dqkv, dout, qkv, att, datt, n_head):
+def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     # dqkv (B, T, 3C) overwritten; dout (B, T, C); att from the forward pass;
     # datt is scratch of att's shape. See cpu.attention_backward for the math:
     #   dv = att^T dy,  datt = dy v^T,  dpre = scale * att * (datt - rowsum(datt * att)),
     #   dq = dpre k,  dk = dpre^T q
+    if att.ndim == 3:     # cuDNN: recomputes the scores from q, k and the saved logsumexps
+        _floatx(dqkv, dout, qkv, out)
+        _f32(att)
+        B, T, C3 = qkv.shape
+        _cudnn_att.backward(_ptr(dqkv), _ptr(dout), _ptr(qkv), _ptr(out), _ptr(att), B, n_head, T,
+                            C3 // (3 * n_head), _stream())
+        return
     bf = _floatx(dqkv, dout, att, datt, qkv)
     if _lt is not None:
         return _attention_backward_lt(dqkv, dout, qkv, att, datt, n_head, bf)
