@@ -4,10 +4,14 @@
 #   run (device tool), carry [".whl"], timeout_s 600:
 #     bash bench/gpu_session.sh
 #
-# .whl holds the cp312 wheel of nvmath-python (cuBLASLt); fetch it once here:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl nvmath-python==1.0.0
-# Without it the CUDA backend falls back to CuPy's cuBLAS (env.txt says which ran).
+# .whl holds the cp312 wheels the device image lacks: nvmath-python (cuBLASLt)
+# and nvidia-cudnn-frontend (flash attention; cuDNN itself is on the image).
+# Fetch them once here (--no-deps: the image has cuda-bindings/core/pathfinder):
+#   for w in nvmath-python==1.0.0 nvidia-cudnn-frontend==1.32.0; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d .whl $w; done
+# Without them the CUDA backend falls back to CuPy's cuBLAS and our batched-GEMM
+# attention (env.log says which ran).
 #
 # Each step has its own time limit and the script goes on after a failure, so
 # one broken step still leaves the others' results. Read $OUT/summary.txt first.
@@ -35,7 +39,7 @@ step() {   # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the o
 step env 60 bash -c 'nvidia-smi; python3 -c "
 import cupy, numpy, llmpy.ops.cuda as c
 print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"device\", cupy.cuda.runtime.getDeviceProperties(0)[\"name\"])
-print(\"matmuls:\", c.matmul_library)"'
+print(\"matmuls:\", c.matmul_library); print(\"attention:\", c.attention_library)"'
 
 # 1. correctness: every op vs NumPy (fp32 and bf16), a full step, 100 bf16 steps vs fp32
 step pytest_gpu 240 python3 -m pytest -m gpu -q -rs tests/test_cuda_ops.py tests/test_dist.py \
