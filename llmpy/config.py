@@ -85,6 +85,7 @@ class TrainConfig:
     out: str = "out"
     resume: bool = False
     skip_nonfinite: bool = False        # skip a step whose loss or gradient norm is NaN/inf instead of stopping
+    cuda_graphs: bool = True            # cuda, one process, no accumulation: replay the step as a CUDA graph
     seed: int = 0
     progress: bool = True               # progress bar (off: one line per val/sample)
     zero_stage: int = 0                 # multi-process: 0 replicates AdamW state, 1 shards it over the ranks

@@ -187,13 +187,19 @@ class GPT:
         self._acts_by_shape[(B, T)] = self.acts   # most recently used goes last
         return self.acts
 
-    def forward(self, ids, targets=None):
+    def forward(self, ids, targets=None, sync=True):
         """ids (B, T) ints -> (logits (B, T, V), mean loss or None).
 
         The logits are a view of the model's own buffer: valid until the next
-        forward() or backward() (which turns them into their gradient)."""
+        forward() or backward() (which turns them into their gradient).
+
+        sync=False is for a step that must not wait for the GPU (a CUDA
+        graph, see graph_step.py): the ids are not checked (the caller has)
+        and the loss is not computed (the per-token losses are left in
+        self.acts.losses); the loss returned is None."""
         ops, cfg, p = self.ops, self.config, self.compute_params
-        ids = self._check_ids(ids, "ids")
+        if sync:
+            ids = self._check_ids(ids, "ids")
         B, T = ids.shape
         if T > cfg.block_size:
             raise LlmpyError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}")
@@ -223,11 +229,11 @@ class GPT:
         self._have_forward = True
         loss = None
         if targets is not None:
-            a.targets = self._check_ids(targets, "targets").reshape(N)
+            a.targets = (self._check_ids(targets, "targets") if sync else targets).reshape(N)
             if a.targets.shape[0] != N:
                 raise LlmpyError(f"targets shape {targets.shape} does not match ids shape {ids.shape}")
             ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets)
-            loss = float(a.losses.mean())
+            loss = float(a.losses.mean()) if sync else None
         else:
             a.targets = None
         return a.logits.reshape(B, T, cfg.vocab_size), loss
@@ -248,10 +254,11 @@ class GPT:
         """Start a new gradient: the next backward() overwrites instead of adding."""
         self._grads_fresh = True
 
-    def backward(self, loss_scale: float = 1.0):
+    def backward(self, loss_scale: float = 1.0, sorted_order=None):
         """Gradient of loss_scale * (mean loss of the last forward) wrt every
         parameter, ADDED to self.grads (unless zero_grad() was called last, then
-        written). Call after forward(ids, targets)."""
+        written). Call after forward(ids, targets). sorted_order: the token
+        ids' sort for the GPU encoder backward, made ahead (graph_step.py)."""
         a = self.acts
         if not self._have_forward or a is None or a.targets is None:
             raise LlmpyError("backward() needs a forward(ids, targets) with targets first")
@@ -296,7 +303,7 @@ class GPT:
         # adds its part to it, so wpe's gradient is cleared here instead.
         if not acc:
             g.wpe[...] = 0
-        ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=True)
+        ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=True, sorted_order=sorted_order)
         self._grads_fresh = False
         self._have_forward = False   # the logits are now dlogits
 

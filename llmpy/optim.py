@@ -62,10 +62,17 @@ class AdamW:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and xp is np else None
         self._scratch = [np.empty((2, CHUNK), dtype=np.float32) for _ in range(self.threads)]
 
-    def step(self, lr=None, grad_scale: float = 1.0):
+    def step(self, lr=None, grad_scale: float = 1.0, sumsq=None, max_norm: float = -1.0, upload: bool = True):
         """One update of model.params from grad_scale * model.grads, in place.
         (Gradient clipping passes its factor here instead of rescaling the
-        gradients in a separate pass over memory.)"""
+        gradients in a separate pass over memory.)
+
+        GPU only: sumsq, a device array holding the gradients' sum of squares,
+        with max_norm >= 0 moves the clipping into the update kernel (and
+        skips the update if the norm is not finite), so that the step never
+        waits for the norm on the host; upload=False while a CUDA graph is
+        being captured (prepare_replay then supplies the values per step;
+        see graph_step.py)."""
         if self.model.grads is None:
             raise LlmpyError("AdamW.step() needs gradients: call model.backward() first")
         self.step_count += 1
@@ -84,8 +91,11 @@ class AdamW:
                 copy = self.model.compute_params.flat
                 ops.adamw_step_flat(p[o:hi], g[o:hi], self.m, self.v, segments, lr, self.beta1, self.beta2,
                                     self.eps, self.weight_decay, self.step_count, grad_scale,
-                                    param_copy=None if copy is p else copy[o:hi])
+                                    param_copy=None if copy is p else copy[o:hi], sumsq=sumsq, max_norm=max_norm,
+                                    upload_hyper=upload)
             return
+        if sumsq is not None:
+            raise LlmpyError("AdamW.step(sumsq=...) is for the GPU backend")
 
         def work(i):
             scratch = self._scratch[i]
@@ -98,6 +108,13 @@ class AdamW:
             work(0)
         else:
             list(self._pool.map(work, range(self.threads)))
+
+    def prepare_replay(self, lr, max_norm: float):
+        """Count one more step and write its hyperparameters where a captured
+        AdamW kernel reads them (GPU; graph_step.py)."""
+        self.step_count += 1
+        wd = self.weight_decay
+        self.ops.adamw_hyper(lr, self.beta1, self.beta2, self.eps, wd, self.step_count, 1.0, max_norm)
 
     def state_dict(self):
         return {"m": self.m, "v": self.v, "step": self.step_count}

@@ -199,24 +199,38 @@ def train(tc: TrainConfig) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=last_stop, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
     loss = val_loss = float("nan")
+    device_step = None
+    if tc.device == "cuda" and world == 1 and accum == 1 and tc.cuda_graphs:
+        # the whole step on the GPU without host syncs, captured as a CUDA graph (graph_step.py)
+        from .graph_step import DeviceStep
+        device_step = DeviceStep(model, optimizer, tc.batch_size, tc.seq_len, tc.grad_clip)
     try:
         for step in range(start + 1, last_stop + 1):      # step = optimizer steps done after this one
             t0 = time.perf_counter()
             checkpoint_due = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last_stop
             lr = lr_at(step - 1, tc.lr, tc.steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_frac)
-            model.zero_grad()
-            loss = 0.0
-            for _ in range(accum):
+            if device_step is not None:
+                # forward, backward, norm and the clipped AdamW update in one go
+                # on the GPU; a non-finite norm made the kernel skip the update
                 x, y = loader.next_batch()
-                _, micro_loss = model.forward(x, y)
-                model.backward(loss_scale=1.0 / (accum * world))
-                loss += micro_loss / accum
-            _test_hooks(step, comm)
-            if world > 1:
-                loss = comm.all_reduce_scalar(loss) / world       # the mean over all ranks
-                norm = _sync_gradients(model, optimizer, comm, tc.zero_stage)
+                loss, norm = device_step(x, y, lr)
+                _test_hooks(step, comm)
+                if not math.isfinite(norm):
+                    optimizer.step_count -= 1     # as if optimizer.step had not run
             else:
-                norm = global_norm(model) if math.isfinite(loss) else float("nan")
+                model.zero_grad()
+                loss = 0.0
+                for _ in range(accum):
+                    x, y = loader.next_batch()
+                    _, micro_loss = model.forward(x, y)
+                    model.backward(loss_scale=1.0 / (accum * world))
+                    loss += micro_loss / accum
+                _test_hooks(step, comm)
+                if world > 1:
+                    loss = comm.all_reduce_scalar(loss) / world       # the mean over all ranks
+                    norm = _sync_gradients(model, optimizer, comm, tc.zero_stage)
+                else:
+                    norm = global_norm(model) if math.isfinite(loss) else float("nan")
             problem = (f"the loss is {loss}" if not math.isfinite(loss) else
                        f"the gradient norm is {norm}" if not math.isfinite(norm) else None)
             if problem:
@@ -232,11 +246,12 @@ def train(tc: TrainConfig) -> dict:
                 if checkpoint_due:
                     _checkpoint(tc, out, step, model, optimizer, loader, comm)
                 continue
-            optimizer.step(lr, grad_scale=clip_scale(norm, tc.grad_clip))
-            if optimizer.shard is not None:
-                comm.all_gather(model.params.flat)      # every rank's updated slice to every rank
-                if model.compute_params is not model.params:   # bf16: the rounded copy too
-                    comm.all_gather(model.compute_params.flat)
+            if device_step is None:
+                optimizer.step(lr, grad_scale=clip_scale(norm, tc.grad_clip))
+                if optimizer.shard is not None:
+                    comm.all_gather(model.params.flat)      # every rank's updated slice to every rank
+                    if model.compute_params is not model.params:   # bf16: the rounded copy too
+                        comm.all_gather(model.compute_params.flat)
             ms = (time.perf_counter() - t0) * 1000
             rec = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 6),
                    "ms": round(ms, 2), "tokens_per_s": round(tokens_per_step / (ms / 1000), 1)}

@@ -21,6 +21,7 @@ in its place while llmpy.ops.cuda is imported (and both are removed again).
 from __future__ import annotations
 
 import importlib
+import math
 import json
 import sys
 import types
@@ -336,3 +337,54 @@ def test_train_cli_on_the_cuda_backend(cuda, tmp_path, capsys):
     sd = load_file(str(tmp_path / "run" / "ckpt_00000004" / "model.safetensors"))
     assert all(t.dtype == np.float32 for t in sd.values())
     assert sd["transformer.h.0.attn.c_attn.weight"].shape == (128, 384)
+
+
+# ---------------------------------------------------------------------------- the graph step
+
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_device_step_matches_the_plain_step(cuda, clip):
+    # graph_step.DeviceStep (no host sync: sort of the ids on the host, norm
+    # and clipping on the device, hyperparameters from a device buffer) runs
+    # eagerly here; it must do what forward / backward / global_norm /
+    # AdamW.step(grad_scale=clip_scale(...)) do.
+    from llmpy.graph_step import DeviceStep
+    from llmpy.model import GPT
+    from llmpy.optim import AdamW, clip_scale, global_norm
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
+    rng = np.random.default_rng(9)
+    batches = [(rng.integers(0, 200, (2, 24)), rng.integers(0, 200, (2, 24))) for _ in range(3)]
+    plain, fast = GPT(cfg, device="cuda", seed=3), GPT(cfg, device="cuda", seed=3)
+    opt_p, opt_f = AdamW(plain, weight_decay=0.1), AdamW(fast, weight_decay=0.1)
+    step = DeviceStep(fast, opt_f, 2, 24, grad_clip=clip)
+    for i, (x, y) in enumerate(batches):
+        lr = 1e-2 * (i + 1)
+        plain.zero_grad()
+        _, loss_p = plain.forward(x, y)
+        plain.backward()
+        norm_p = global_norm(plain)
+        opt_p.step(lr, grad_scale=clip_scale(norm_p, clip))
+        loss_f, norm_f = step(x, y, lr)
+        assert abs(loss_f - loss_p) <= 1e-6 * loss_p and abs(norm_f - norm_p) <= 1e-6 * norm_p
+    assert opt_f.step_count == opt_p.step_count == 3
+    # Without clipping the same arithmetic in the same order: the same bits.
+    # With it, the factor max_norm / (norm + 1e-6) is float32 on the device
+    # and float64 on the host: a few ulp apart, which AdamW carries along.
+    tol = 0.0 if clip == 0 else 1e-5
+    for a, b in ((fast.params.flat, plain.params.flat), (opt_f.m, opt_p.m), (opt_f.v, opt_p.v)):
+        assert rel_err(a, b) <= tol
+
+
+def test_device_step_skips_a_nonfinite_update(cuda):
+    from llmpy.graph_step import DeviceStep
+    from llmpy.model import GPT
+    from llmpy.optim import AdamW
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg, device="cuda", seed=3)
+    opt = AdamW(model)
+    model.params.lnfw[0] = np.inf                     # the forward pass turns it into NaNs
+    before = model.params.flat.copy()
+    x = np.random.default_rng(0).integers(0, 200, (2, 8))
+    loss, norm = DeviceStep(model, opt, 2, 8, grad_clip=1.0)(x, x, 1e-3)
+    assert not math.isfinite(norm)
+    np.testing.assert_array_equal(model.params.flat, before)        # no update reached the weights
+    assert not np.any(opt.m) and not np.any(opt.v)                  # nor m and v

@@ -49,9 +49,10 @@ def encoder_forward(out, ids, wte, wpe):
     out += wpe[:T]
 
 
-def encoder_backward(dwte, dwpe, dout, ids, acc=True):
+def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
     # wte rows were gathered, so their gradient scatters back (a token seen twice
     # gets both contributions); wpe[t] was broadcast over the batch, so it sums.
+    # (sorted_order: the GPU kernel's precomputed sort of ids; unused here.)
     B, T, C = dout.shape
     if not acc:
         dwte[...] = 0

@@ -209,8 +209,20 @@ def encoder_forward(out, ids, wte, wpe):
         (_blocks(n),), (_BLOCK,), (out, _ids64(ids), wte, wpe, i32(B * T), i32(T), i32(C)))
 
 
-def encoder_backward(dwte, dwpe, dout, ids, acc=True):
+def host_sort(ids):
+    """(sorted ids, order) for encoder_backward, computed on the host from host
+    ids: positions sorted by (token id, position), a unique key, so the order
+    of the sums does not depend on the sort. (The graph step does this on the
+    CPU, where the batch comes from, instead of sorting on the GPU.)"""
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+    order = np.argsort(flat * flat.size + np.arange(flat.size, dtype=np.int64), kind="stable")
+    return flat[order], order
+
+
+def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
     # dwte gets the scatter-add of dout's rows, dwpe the sum over the batch.
+    # sorted_order: (sorted ids, order) as device int64 arrays (see host_sort),
+    # else the sort is done here on the GPU.
     bf = _floatx(dwte, dwpe, dout)
     B, T, C = dout.shape
     N = B * T
@@ -219,11 +231,14 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True):
         dwpe[T:] = 0
     _kernel("encoder.cu", "encoder_backward_wpe", bf)(
         (_blocks(T * C),), (_BLOCK,), (dwpe, dout, i32(B), i32(T), i32(C), i32(1 if acc else 0)))
-    # Sort positions by token id; the key id * N + position is unique, so the
-    # order (and with it the order of the sums) does not depend on the sort.
-    flat = _ids64(ids)
-    order = cupy.argsort(flat * N + cupy.arange(N, dtype=cupy.int64))
-    sorted_ids = cupy.ascontiguousarray(flat[order])
+    if sorted_order is not None:
+        sorted_ids, order = sorted_order
+    else:
+        # Sort positions by token id; the key id * N + position is unique, so the
+        # order (and with it the order of the sums) does not depend on the sort.
+        flat = _ids64(ids)
+        order = cupy.argsort(flat * N + cupy.arange(N, dtype=cupy.int64))
+        sorted_ids = cupy.ascontiguousarray(flat[order])
     _kernel("encoder.cu", "encoder_backward_wte", bf)(
         (N,), (min(_BLOCK, 32 * _blocks(C, 32)),), (dwte, dout, sorted_ids, order, i32(N), i32(C)))
 
@@ -600,15 +615,28 @@ def crossentropy_backward(logits, lse, targets, dloss):
 # ----------------------------------------------------------------------------
 # optimizer pieces (see optim.py)
 
-def sum_of_squares(x):
-    """sum(x^2) over the whole array, as a Python float (this synchronizes)."""
+def _upload(dst, host):
+    """Copy a small host array into a device buffer, in order on the current stream."""
+    if hasattr(dst, "set"):
+        dst.set(np.ascontiguousarray(host, dtype=dst.dtype), stream=cupy.cuda.get_current_stream())
+    else:                      # NumPy standing in for CuPy (tests)
+        dst[...] = host
+
+
+def sum_of_squares_into(x, out):
+    """out[0] (a float64 device array) = sum(x^2), without waiting for it."""
     x = x.reshape(-1)
     bf = _floatx(x)
     nblocks = min(_NORM_BLOCKS, _blocks(x.size))
-    partial = cupy.empty(nblocks, dtype=cupy.float32)
-    out = cupy.empty(1, dtype=cupy.float64)
+    partial = _scratch(nblocks, np.float32, slot="norm")
     _kernel("norm.cu", "sum_of_squares_partial", bf)((nblocks,), (_BLOCK,), (partial, x, i64(x.size)))
     _kernel("norm.cu", "sum_of_squares_final", bf)((1,), (32,), (out, partial, i32(nblocks)))
+
+
+def sum_of_squares(x):
+    """sum(x^2) over the whole array, as a Python float (this synchronizes)."""
+    out = _scratch(1, np.float64, slot="norm_out")
+    sum_of_squares_into(x, out)
     return float(out[0])
 
 
@@ -625,7 +653,7 @@ def _segment_table(segments):
 
 
 def adamw_step_flat(param, grad, m, v, segments, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
-                    param_copy=None):
+                    param_copy=None, sumsq=None, max_norm=-1.0, upload_hyper=True):
     """One AdamW step over whole flat buffers in ONE kernel launch (the GPU
     has no cache to chunk for). `segments` is [(start, stop, decay), ...]
     covering param contiguously from 0; weight decay applies where decay is
@@ -634,7 +662,15 @@ def adamw_step_flat(param, grad, m, v, segments, lr, beta1, beta2, eps, weight_d
     param, m, v are float32. In bf16 training grad is bfloat16 and
     param_copy, the bf16 weights the forward pass reads, is rewritten from
     the updated float32 param with stochastic rounding (seeded by `step`:
-    repeatable)."""
+    repeatable).
+
+    With sumsq (a float64 device array holding the gradients' sum of
+    squares) and max_norm >= 0, clipping happens in the kernel and a
+    non-finite norm skips the update: nothing waits for the norm on the host
+    (see kernels/adamw.cu, and graph_step.py which relies on it).
+    upload_hyper=False launches the kernel without writing this step's
+    hyperparameters to its device buffer: for a CUDA graph capture, which
+    must not copy from the host; adamw_hyper() writes them before a replay."""
     _f32(param, m, v)
     bf = _floatx(grad, param_copy)
     if param_copy is None:
@@ -645,13 +681,28 @@ def adamw_step_flat(param, grad, m, v, segments, lr, beta1, beta2, eps, weight_d
     if not segments or segments[0][0] != 0 or segments[-1][1] != n:
         raise ValueError(f"segments must cover [0, {n}) in order")
     seg_stop, seg_decay = _segment_table(segments)
-    bc1 = 1.0 - beta1 ** step
-    sqrt_bc2 = math.sqrt(1.0 - beta2 ** step)
+    d_hyper = _scratch(6, np.float32, slot="adamw_hyper")
+    if upload_hyper:
+        adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale, max_norm if sumsq is not None else -1.0)
+    if sumsq is None:
+        sumsq = _scratch(1, np.float64, slot="norm_out")           # not read (max_norm < 0)
     _kernel("adamw.cu", "adamw_update", bf)(
         (_blocks(n),), (_BLOCK,),
         (param, param_copy, grad, m, v, i64(n), seg_stop, seg_decay, i32(len(segments)),
-         f32(1.0 - beta1), f32(1.0 - beta2), f32(lr * sqrt_bc2 / bc1), f32(eps * sqrt_bc2),
-         f32(1.0 - lr * weight_decay), f32(grad_scale), u32(step & 0xFFFFFFFF)))
+         f32(1.0 - beta1), f32(1.0 - beta2), d_hyper, sumsq))
+
+
+def adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0, max_norm=-1.0):
+    """Write step `step`'s AdamW hyperparameters to the device buffer the
+    kernel reads (see kernels/adamw.cu). The host computes them once, in
+    double, 1 - b1 and 1 - b2 included, so they round to float as the NumPy
+    reference's do."""
+    bc1 = 1.0 - beta1 ** step
+    sqrt_bc2 = math.sqrt(1.0 - beta2 ** step)
+    hyper = np.array([lr * sqrt_bc2 / bc1, eps * sqrt_bc2, 1.0 - lr * weight_decay, grad_scale,
+                      max_norm, 0.0], dtype=np.float32)
+    hyper[5:6].view(np.uint32)[0] = step & 0xFFFFFFFF               # the seed, as a float's bits
+    _upload(_scratch(6, np.float32, slot="adamw_hyper"), hyper)
 
 
 def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, scratch, grad_scale=1.0):

@@ -320,6 +320,9 @@ template <class T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; ret
 template <class T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
 
 // The device math library, from the host's.
+using std::isfinite;
+using std::isnan;
+using std::sqrt;
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }

@@ -22,12 +22,32 @@
 // in fp32 the host passes param itself and the second store is the same value.
 #include "common.cuh"
 
+// The values that change from step to step are read from device memory,
+// `hyper`, not passed as arguments, so that a CUDA graph captured once can
+// replay every step (a graph freezes kernel arguments; the host rewrites
+// hyper before each replay):
+//     hyper = [step_size, eps_hat, decay_factor, grad_scale, max_norm, seed (the float's bits)]
+// With max_norm >= 0 the gradient clipping is done here too, from the sum of
+// squares of the gradients computed on the device (*sumsq): scale by
+// max_norm / (norm + 1e-6) when the norm exceeds max_norm (> 0), and if the
+// norm is not finite, change nothing at all (the step is skipped: a NaN
+// must not reach the weights, m or v). max_norm < 0: the host did the
+// clipping (grad_scale) and sumsq is not read.
 extern "C" __global__ void adamw_update(float* param, floatX* param_copy, const floatX* grad, float* m, float* v,
                                         long long n, const long long* seg_stop, const int* seg_decay, int nseg,
-                                        float one_minus_b1, float one_minus_b2, float step_size, float eps_hat,
-                                        float decay_factor, float grad_scale, unsigned seed) {
+                                        float one_minus_b1, float one_minus_b2, const float* hyper,
+                                        const double* sumsq) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
+    float step_size = hyper[0], eps_hat = hyper[1], decay_factor = hyper[2], grad_scale = hyper[3];
+    float max_norm = hyper[4];
+    unsigned seed = __float_as_uint(hyper[5]);
+    if (max_norm >= 0.0f) {
+        double ss = *sumsq;
+        if (!isfinite(ss)) return;
+        float norm = (float)sqrt(ss);
+        if (max_norm > 0.0f && norm > max_norm) grad_scale *= max_norm / (norm + 1e-6f);
+    }
     int s = 0;
     while (s < nseg - 1 && i >= seg_stop[s]) s++;
     float g = to_f(grad[i]) * grad_scale;
