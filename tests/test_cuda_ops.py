@@ -435,3 +435,37 @@ def test_attention_cudnn_bf16(cuda, cp, B, T, NH, hs):
     cuda.attention_backward(g_dqkv, cp.asarray(dout), cp.asarray(qkv), g_stats, None, NH, out=g_out)
     assert rel_err(g_out.astype(np.float32), out) <= 1e-2
     assert rel_err(g_dqkv.astype(np.float32), dqkv) <= 2e-2
+
+
+# ---------------------------------------------------------------------------- CUDA graph step
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_graph_step_replays_the_eager_step(cp, dtype):
+    # DeviceStep captured as a CUDA graph after one eager step, against the
+    # same steps run eagerly (capture=False): the same kernels in the same
+    # order on the same data, so the same losses, norms and weights.
+    from llmpy.graph_step import DeviceStep
+    from llmpy.model import GPT
+    from llmpy.ops import cuda
+    if cuda._lt is None:
+        pytest.skip(f"capture needs cuBLASLt: {cuda.matmul_library}")
+    from llmpy.optim import AdamW
+    cfg = GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=4, n_embd=64)
+    rng = np.random.default_rng(31)
+    batches = [(rng.integers(0, 1000, (4, 64)), rng.integers(0, 1000, (4, 64))) for _ in range(5)]
+    results = []
+    for capture in (False, True):
+        model = GPT(cfg, device="cuda", seed=5, dtype=dtype)
+        step = DeviceStep(model, AdamW(model, weight_decay=0.1), 4, 64, grad_clip=1.0, capture=capture)
+        out = [step(x, y, 1e-3 * (i + 1)) for i, (x, y) in enumerate(batches)]
+        if capture:
+            assert step.graph is not None, "capture failed (see the message above)"
+        results.append((out, model.params.flat.get()))
+    (eager, w_eager), (graph, w_graph) = results
+    if dtype == "fp32":
+        assert eager == graph
+        assert np.array_equal(w_eager, w_graph)
+    else:   # cuDNN's flash-attention backward may sum in a different order each run
+        for (le, ne), (lg, ng) in zip(eager, graph):
+            assert abs(le - lg) <= 1e-2 * le and abs(ne - ng) <= 5e-2 * ne
+        assert rel_err(w_graph, w_eager) <= 1e-3
