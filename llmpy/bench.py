@@ -1,24 +1,37 @@
 """`llmpy bench`: time one full training step (forward, backward, AdamW).
 
 Protocol (DESIGN.md section 7): build the model, warm up for 2 steps, time at
-least 5 more and take the median. In the same run, measure the machine's
-single-precision matrix-multiply rate (a 2048^3 sgemm through the same BLAS),
-and with `--compare torch` time a PyTorch reference model of the same shapes
-(eager, same thread count, torch's AdamW). PyTorch is imported here only when
-asked for: it is the yardstick, never part of llmpy.
+least 5 more and take the median. With `--compare torch`, time a PyTorch
+reference model of the same shapes in the same run (llmpy.bench_torch; eager
+on the CPU, torch.compile on CUDA unless --no-compile). PyTorch is imported
+here only when asked for: it is the yardstick, never part of llmpy.
 
-floor_share = (matmul FLOPs of one step / measured sgemm rate) / step time:
-the fraction of the step that the unavoidable matrix multiplies would take
-at the machine's best matmul speed.
+CPU: also measure the machine's single-precision matmul rate (a 2048^3 sgemm
+through the same BLAS) and report
+  floor_share = (matmul FLOPs of one step / sgemm rate) / step time,
+the fraction of the step the unavoidable matrix multiplies would take at the
+machine's best matmul speed; ratio = llmpy ms / torch ms.
+
+CUDA: kernels are asynchronous, so every timed step ends with a device
+synchronize. Report MFU (model FLOPs utilisation, see flops_per_token) against
+a matmul peak MEASURED in the same run (peak_how says how), peak memory in MiB,
+and speedup_vs_torch = llmpy tokens/s / torch tokens/s. The peak is a bf16
+matmul for --dtype bf16; for fp32 it is torch's fp32 matmul with TF32 tensor
+cores on (the torch reference's setting) when torch is compared, else CuPy's
+true-fp32 matmul (llmpy's own fp32 GEMMs use no TF32): compare MFUs only
+between results with the same peak_how.
 """
 from __future__ import annotations
 
+import gc
+import inspect
 import statistics
 import time
 
 import numpy as np
 
 from .config import GPTConfig, preset
+from .errors import LlmpyError
 
 
 def matmul_flops(cfg: GPTConfig, B: int, T: int) -> float:
@@ -27,6 +40,26 @@ def matmul_flops(cfg: GPTConfig, B: int, T: int) -> float:
     per_layer = 2 * N * 12 * C * C + 4 * B * T * T * C     # qkv, attproj, fc, fcproj; q k^T and att v
     forward = L * per_layer + 2 * N * C * V                 # + the LM head
     return 3.0 * forward
+
+
+def n_params_for_flops(cfg: GPTConfig) -> int:
+    """Parameters of GPT-2 except the position embeddings (wpe): every weight
+    and bias of the blocks, the final layernorm, and the tied token embedding
+    counted once, as the LM head matmul (the embedding lookup itself does no
+    FLOPs). Over the real vocabulary (cfg.vocab_size, not llmpy's padded one)."""
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    # per block: ln_1, ln_2 (2C each); qkv (3C^2+3C); attn proj (C^2+C); fc (4C^2+4C); mlp proj (4C^2+C)
+    per_block = 12 * C * C + 13 * C
+    return V * C + L * per_block + 2 * C
+
+
+def flops_per_token(cfg: GPTConfig, T: int) -> float:
+    """Training FLOPs per token, the PaLM formula (Chowdhery et al. 2022, app. B):
+    6N for the parameter matmuls (2 forward + 4 backward per parameter), plus
+    12*L*T*C for attention's q k^T and att v (2 matmuls * 2 FLOPs * T*C, times
+    3 for forward + backward; causal masking is not discounted). N is
+    n_params_for_flops(cfg)."""
+    return 6.0 * n_params_for_flops(cfg) + 12.0 * cfg.n_layer * T * cfg.n_embd
 
 
 def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -43,92 +76,231 @@ def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def _time_steps(step, warmup: int, steps: int) -> list[float]:
+def _best_matmul_tflops(matmul, a, b, c, sync, reps=5, inner=10):
+    """Best of `reps` timings of `inner` back-to-back matmul(a, b, out=c) of
+    square n x n arrays (after one warm-up), each timing ended by a synchronize."""
+    n = a.shape[0]
+    matmul(a, b, out=c)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            matmul(a, b, out=c)
+        sync()
+        times.append((time.perf_counter() - t0) / inner)
+    return 2 * n ** 3 / min(times) / 1e12
+
+
+def torch_matmul_tflops(dtype: str, n: int = 8192):
+    """Dense n^3 matmul rate of the GPU through torch: bf16, or fp32 with TF32
+    tensor cores on (what the fp32 torch reference uses)."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device="cuda", dtype=tdt) for _ in range(2))
+    c = torch.empty(n, n, device="cuda", dtype=tdt)
+    tflops = _best_matmul_tflops(torch.matmul, a, b, c, torch.cuda.synchronize)
+    del a, b, c
+    torch.cuda.empty_cache()
+    return tflops, f"torch {tdt} {n}^3 matmul" + (" (TF32 on)" if dtype == "fp32" else "")
+
+
+def cupy_matmul_tflops(dtype: str, n: int = 8192):
+    """Dense n^3 matmul rate of the GPU through CuPy: float32 (true fp32 unless
+    CUPY_TF32=1, like llmpy's own GEMMs), or bfloat16 where this CuPy takes
+    ml_dtypes' bfloat16; (None, why) where it does not."""
+    import cupy
+    try:
+        if dtype == "bf16":
+            import ml_dtypes
+            dt = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dt = np.dtype(np.float32)
+        a, b = (cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(dt) for _ in range(2))
+        c = cupy.empty((n, n), dtype=dt)
+        tflops = _best_matmul_tflops(cupy.matmul, a, b, c, cupy.cuda.get_current_stream().synchronize)
+    except Exception as e:  # no bf16 support in this CuPy
+        return None, f"cupy {dtype} matmul unavailable ({type(e).__name__})"
+    del a, b, c
+    cupy.get_default_memory_pool().free_all_blocks()
+    return tflops, f"cupy {dt} {n}^3 matmul"
+
+
+def _time_steps(step, warmup: int, steps: int, sync=None) -> list[float]:
+    """Seconds per step; sync (if given) runs inside the timing after each step,
+    so a GPU step is counted until its last kernel finishes."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         step()
+        sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return times
 
 
-def bench_llmpy(cfg, device, B, T, steps):
+def _out_of_memory(e, who, B, T):
+    # cupy.cuda.memory.OutOfMemoryError and torch.OutOfMemoryError share the name
+    if type(e).__name__ == "OutOfMemoryError":
+        raise LlmpyError(f"{who} ran out of GPU memory at B={B} T={T}; try a smaller -B "
+                         "(or --only torch for the reference alone)") from None
+
+
+def bench_llmpy(cfg, device, B, T, steps, dtype="fp32"):
+    """(seconds per step, peak pool MiB or None)."""
     from .model import GPT
     from .optim import AdamW, clip_scale, global_norm
-    model = GPT(cfg, device=device, seed=0)
+    if dtype == "fp32":
+        model = GPT(cfg, device=device, seed=0)
+    else:
+        model = GPT(cfg, device=device, seed=0, dtype=dtype)
     opt = AdamW(model, lr=1e-4, weight_decay=0.1)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (B, T + 1))
     x, y = ids[:, :-1], ids[:, 1:]
     x, y = model.xp.asarray(x), model.xp.asarray(y)
+    # CuPy's pool only grows (cached blocks are reused, not returned), so its
+    # size after each step is the peak so far.
+    pool = model.xp.get_default_memory_pool() if device == "cuda" else None
+    peak = [0]
 
     def step():
         model.zero_grad()
         model.forward(x, y)
         model.backward()
         opt.step(grad_scale=clip_scale(global_norm(model), 1.0))
-    return _time_steps(step, 2, steps)
+        if pool is not None:
+            peak[0] = max(peak[0], pool.total_bytes())
+    sync = model.ops.synchronize if device == "cuda" else None
+    times = _time_steps(step, 2, steps, sync)
+    return times, (round(peak[0] / 2**20, 1) if pool is not None else None)
 
 
-def bench_torch(cfg, B, T, steps, threads):
+def bench_torch(cfg, B, T, steps, threads, device="cpu", dtype="fp32", compile=False):
+    """(seconds per step, peak allocated MiB or None)."""
     import torch
-    from .bench_torch import TorchGPT
-    torch.manual_seed(0)
+    from .bench_torch import torch_step
     torch.set_num_threads(threads)
-    model = TorchGPT(cfg)
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2]
-    other = [p for n, p in model.named_parameters() if p.dim() != 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
-    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    x, y = ids[:, :-1], ids[:, 1:]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return _time_steps(step, 2, steps)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on TF32 tensor cores, as usual in training
+        torch.cuda.reset_peak_memory_stats()
+    step, _ = torch_step(cfg, B, T, device, dtype, compile)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    times = _time_steps(step, 2, steps, sync)
+    if device != "cuda":
+        return times, None
+    return times, round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None) -> dict:
+def _llmpy_supports(dtype, device):
+    """Raise LlmpyError now, before minutes of measuring, if llmpy cannot run `dtype` on `device`."""
+    if dtype == "fp32":
+        return
+    from .model import GPT
+    from .ops import get_backend
+    if "dtype" not in inspect.signature(GPT).parameters:
+        raise LlmpyError(f"--dtype {dtype} is not available yet for llmpy on {device}; "
+                         "use --dtype fp32, or --only torch to time the PyTorch reference alone")
+    get_backend(device).storage_dtype(dtype)    # the backend's own one-line refusal, if any
+
+
+def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp32", only=None,
+          compile=None) -> dict:
+    """Run the benchmark; returns the result dict (`llmpy bench --json` prints it).
+
+    only="torch" times the PyTorch reference alone (implies compare="torch").
+    compile: torch.compile the reference; None = on for cuda, off for cpu."""
     from .optim import _num_threads
     cfg = preset(model, block_size=max(1024, T))
     steps = max(5, steps)
+    if only == "torch":
+        compare = "torch"
+    if compile is None:
+        compile = device == "cuda"
+    run_llmpy = only != "torch"
+    if run_llmpy:
+        _llmpy_supports(dtype, device)
     threads = _num_threads()
-    res = {"device": device, "model": model, "B": B, "T": T, "threads": threads, "steps": steps}
+    res = {"device": device, "model": model, "B": B, "T": T, "dtype": dtype, "threads": threads, "steps": steps}
+    flops = matmul_flops(cfg, B, T)
+    res["matmul_gflop_per_step"] = round(flops / 1e9, 2)
     if device == "cpu":
         res["sgemm_gflops"] = round(sgemm_gflops(), 1)
-    times = bench_llmpy(cfg, device, B, T, steps)
-    ms = statistics.median(times) * 1000
-    flops = matmul_flops(cfg, B, T)
-    res.update(ms_per_step=round(ms, 1), tokens_per_s=round(B * T / (ms / 1000), 1),
-               matmul_gflop_per_step=round(flops / 1e9, 2))
-    if "sgemm_gflops" in res:
         floor_ms = flops / (res["sgemm_gflops"] * 1e9) * 1000
         res["floor_ms"] = round(floor_ms, 1)
-        res["floor_share"] = round(floor_ms / ms, 3)
+    else:
+        # the MFU denominator, measured now on this GPU
+        peak, how = torch_matmul_tflops(dtype) if compare == "torch" else cupy_matmul_tflops(dtype)
+        res.update(flops_per_token=flops_per_token(cfg, T),
+                   peak_tflops=None if peak is None else round(peak, 1), peak_how=how)
+
+    def mfu(tokens_per_s):
+        # achieved model FLOP/s over the measured peak
+        if res.get("peak_tflops") is None:
+            return None
+        return round(tokens_per_s * res["flops_per_token"] / (res["peak_tflops"] * 1e12), 4)
+
+    if run_llmpy:
+        try:
+            times, peak_mib = bench_llmpy(cfg, device, B, T, steps, dtype)
+        except Exception as e:
+            _out_of_memory(e, "llmpy", B, T)
+            raise
+        ms = statistics.median(times) * 1000
+        res.update(ms_per_step=round(ms, 1), tokens_per_s=round(B * T / (ms / 1000), 1))
+        if device == "cpu":
+            res["floor_share"] = round(floor_ms / ms, 3)
+        else:
+            res.update(mfu=mfu(res["tokens_per_s"]), peak_mib=peak_mib)
+            import cupy
+            gc.collect()                                        # llmpy's model is garbage now:
+            cupy.get_default_memory_pool().free_all_blocks()   # hand its GPU memory back before torch
     if compare == "torch":
-        ttimes = bench_torch(cfg, B, T, steps, threads)
+        try:
+            ttimes, tpeak_mib = bench_torch(cfg, B, T, steps, threads, device, dtype, compile)
+        except Exception as e:
+            _out_of_memory(e, "PyTorch", B, T)
+            raise
         tms = statistics.median(ttimes) * 1000
         res.update(torch_ms_per_step=round(tms, 1), torch_tokens_per_s=round(B * T / (tms / 1000), 1),
-                   ratio=round(ms / tms, 3))
+                   torch_compile=compile)
+        if device != "cpu":
+            res.update(torch_mfu=mfu(res["torch_tokens_per_s"]), torch_peak_mib=tpeak_mib)
+        if run_llmpy:
+            res["ratio"] = round(ms / tms, 3)                  # time ratio: < 1 means llmpy is faster
+            res["speedup_vs_torch"] = round(res["tokens_per_s"] / res["torch_tokens_per_s"], 3)
     return res
 
 
 def print_table(res: dict) -> str:
-    rows = [("llmpy", res["ms_per_step"], res["tokens_per_s"], res.get("floor_share"))]
+    gpu = res["device"] != "cpu"
+    torch_name = "pytorch compile" if res.get("torch_compile") else "pytorch eager"
+    rows = []
+    if "ms_per_step" in res:
+        rows.append(("llmpy", res["ms_per_step"], res["tokens_per_s"],
+                     res.get("mfu") if gpu else res.get("floor_share"), res.get("peak_mib")))
     if "torch_ms_per_step" in res:
         share = res["floor_ms"] / res["torch_ms_per_step"] if "floor_ms" in res else None
-        rows.append(("pytorch eager", res["torch_ms_per_step"], res["torch_tokens_per_s"], share))
+        rows.append((torch_name, res["torch_ms_per_step"], res["torch_tokens_per_s"],
+                     res.get("torch_mfu") if gpu else share, res.get("torch_peak_mib")))
+    if gpu:
+        lines = [f"{res['model']} B={res['B']} T={res['T']} {res['dtype']} on {res['device']}; "
+                 f"peak {res['peak_tflops'] or '-'} TFLOP/s ({res['peak_how']})",
+                 f"{'':16}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'peak MiB':>10}"]
+        for name, ms, tps, share, mib in rows:
+            lines.append(f"{name:16}{ms:10.1f}{tps:12.1f}{(f'{share:.1%}' if share is not None else '-'):>8}"
+                         f"{(f'{mib:.0f}' if mib is not None else '-'):>10}")
+        if "speedup_vs_torch" in res:
+            lines.append(f"llmpy tokens/s / pytorch tokens/s: {res['speedup_vs_torch']:.3f}")
+        return "\n".join(lines)
     lines = [f"{res['model']} B={res['B']} T={res['T']} on {res['device']} ({res['threads']} threads); "
              f"sgemm {res.get('sgemm_gflops', '-')} GFLOP/s, matmul floor {res.get('floor_ms', '-')} ms/step",
              f"{'':16}{'ms/step':>10}{'tokens/s':>12}{'floor share':>13}"]
-    for name, ms, tps, share in rows:
+    for name, ms, tps, share, _ in rows:
         lines.append(f"{name:16}{ms:10.1f}{tps:12.1f}{(f'{share:.1%}' if share else '-'):>13}")
     if "ratio" in res:
         lines.append(f"ratio llmpy / pytorch: {res['ratio']:.3f}")

@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=7, help="timed steps (after warm-up)")
     p.add_argument("--compare", choices=["torch"], default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the torch reference under autocast (llmpy: when its bf16 path exists)")
+    p.add_argument("--only", choices=["torch"], default=None,
+                   help="time the PyTorch reference alone (implies --compare torch)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the reference (default: on for cuda, off for cpu)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return ap
 
 
@@ -191,5 +197,6 @@ def _run(args):
             print(f"wrote {args.tokenizer} (llm.c tokenizer)")
     elif args.command == "bench":
         from .bench import bench, print_table
-        res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare)
+        res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare,
+                    dtype=args.dtype, only=args.only, compile=args.compile)
         print(json.dumps(res) if args.json else print_table(res))

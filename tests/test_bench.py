@@ -1,0 +1,83 @@
+"""`llmpy bench` and its PyTorch yardstick, on the CPU: correctness only, no
+timing assertions (benchmarks are scripts, DESIGN.md section 7). The CUDA path
+(torch.compile + autocast + fused AdamW on a GPU, MFU against the measured
+matmul peak) is exercised by running `llmpy bench --device cuda` on a GPU."""
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llmpy import cli  # noqa: E402
+from llmpy.bench import flops_per_token, matmul_flops, n_params_for_flops  # noqa: E402
+from llmpy.bench_torch import TorchGPT, torch_step  # noqa: E402
+from llmpy.config import preset  # noqa: E402
+
+TINY = preset("d2", block_size=32, vocab_size=256)
+
+
+def _losses(dtype, compile=False, n=6):
+    step, _ = torch_step(TINY, B=4, T=16, device="cpu", dtype=dtype, compile=compile, lr=1e-3)
+    return [float(step()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_torch_reference_step_learns_its_batch(dtype):
+    """fp32, and bf16 under torch.autocast("cpu"): the loss on the fixed batch falls."""
+    losses = _losses(dtype)
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.slow
+def test_torch_reference_step_compiled():
+    """torch.compile of the reference works here (~30 s of Inductor compile on a CPU)."""
+    losses = _losses("bf16", compile=True, n=4)
+    assert losses[-1] < losses[0], losses
+
+
+def test_flops_per_token_is_palm_formula_over_the_real_module():
+    """6N + 12*L*T*C with N counted independently: every parameter of the
+    PyTorch module except the position embeddings (the tied wte is one tensor)."""
+    T = 16
+    model = TorchGPT(TINY)
+    N = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("wpe"))
+    assert n_params_for_flops(TINY) == N
+    assert flops_per_token(TINY, T) == 6 * N + 12 * TINY.n_layer * T * TINY.n_embd
+    # the per-token matmul count differs from it only by biases and layernorms (12 C + 78 C L)
+    L, C = TINY.n_layer, TINY.n_embd
+    assert flops_per_token(TINY, T) - matmul_flops(TINY, 1, T) / T == 6 * (2 * C + 13 * C * L)
+
+
+def _bench_json(capsys, *args):
+    rc = cli.main(["bench", "--model", "d2", "-B", "2", "-T", "16", "--steps", "5", "--json", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bench_json_cpu(capsys):
+    rc, out, err = _bench_json(capsys, "--compare", "torch")
+    assert rc == 0, err
+    assert len(out.strip().splitlines()) == 1
+    res = json.loads(out)
+    assert res["device"] == "cpu" and res["dtype"] == "fp32" and res["torch_compile"] is False
+    for key in ("ms_per_step", "tokens_per_s", "sgemm_gflops", "floor_share", "torch_ms_per_step",
+                "torch_tokens_per_s", "ratio", "speedup_vs_torch"):
+        assert res[key] > 0, key
+    assert res["ratio"] == pytest.approx(res["ms_per_step"] / res["torch_ms_per_step"], rel=0.01)
+    assert res["speedup_vs_torch"] == pytest.approx(res["tokens_per_s"] / res["torch_tokens_per_s"], rel=0.01)
+
+
+def test_bench_only_torch_bf16_cpu(capsys):
+    rc, out, err = _bench_json(capsys, "--only", "torch", "--dtype", "bf16")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["dtype"] == "bf16" and res["torch_tokens_per_s"] > 0
+    assert "ms_per_step" not in res and "ratio" not in res     # llmpy was not run
+
+
+def test_bench_bf16_llmpy_is_a_one_line_error(capsys):
+    rc, out, err = _bench_json(capsys, "--dtype", "bf16")
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("llmpy bench: error: --dtype bf16")   # llmpy computes bf16 on CUDA only
