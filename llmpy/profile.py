@@ -1,0 +1,96 @@
+"""Where a training step's time goes: the time of every op, per op name.
+
+    with OpTimer(model.ops) as timer:
+        ...run some steps...
+    print(timer.table())
+
+Every function of the backend module (the op contract, plus the optimizer
+pieces) is wrapped while the `with` block runs. On the GPU each call is
+bracketed by two CUDA events recorded on the current stream: the GPU time
+between them is the op's, measured without stopping the stream (the events
+are read once, at the end). On the CPU it is the wall clock around the call.
+Calls made from inside another op (the CUDA matmul falling back to the GELU
+kernel, say) count towards the outer op only.
+
+This profiles steps run op by op, not a replayed CUDA graph (a graph is one
+launch: nothing to wrap); launch gaps between ops are not attributed to any
+op, and show up as the difference between the table's total and the step.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+OPS = ("encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward", "matmul_forward",
+       "matmul_backward", "attention_forward", "attention_backward", "gelu_forward", "gelu_backward",
+       "residual_forward", "crossentropy_forward", "crossentropy_backward", "sum_of_squares",
+       "sum_of_squares_into", "adamw_step_flat", "adamw_update")
+
+
+class OpTimer:
+    def __init__(self, ops):
+        self.ops = ops
+        self.gpu = getattr(ops, "name", "") == "cuda"
+        self.records = defaultdict(list)      # op -> [(start, end)] events, or [seconds]
+        self._saved = {}
+        self._depth = 0
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            try:
+                if self.gpu:
+                    import cupy
+                    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                    start.record()
+                    out = fn(*args, **kwargs)
+                    end.record()
+                    self.records[name].append((start, end))
+                else:
+                    t0 = time.perf_counter()
+                    out = fn(*args, **kwargs)
+                    self.records[name].append(time.perf_counter() - t0)
+                return out
+            finally:
+                self._depth -= 1
+        return timed
+
+    def __enter__(self):
+        for name in OPS:
+            fn = getattr(self.ops, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(self.ops, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(self.ops, name, fn)
+        self._saved.clear()
+
+    def totals(self) -> dict:
+        """op -> (calls, milliseconds), slowest first."""
+        out = {}
+        if self.gpu and self.records:
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()
+        for name, recs in self.records.items():
+            if self.gpu:
+                import cupy
+                ms = sum(cupy.cuda.get_elapsed_time(s, e) for s, e in recs)
+            else:
+                ms = 1000.0 * sum(recs)
+            out[name] = (len(recs), ms)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
+
+    def table(self, steps: int = 1) -> str:
+        """The totals per step as a text table, with each op's share."""
+        totals = self.totals()
+        whole = sum(ms for _, ms in totals.values()) or 1.0
+        lines = [f"{'op':24}{'calls/step':>11}{'ms/step':>10}{'share':>8}"]
+        for name, (calls, ms) in totals.items():
+            lines.append(f"{name:24}{calls / steps:11.1f}{ms / steps:10.3f}{ms / whole:8.1%}")
+        lines.append(f"{'total in ops':24}{'':11}{whole / steps:10.3f}")
+        return "\n".join(lines)

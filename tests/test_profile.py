@@ -1,0 +1,34 @@
+"""llmpy.profile.OpTimer: per-op times of a real CPU step; its accounting
+must add up (every call of the model's ops seen once, nested calls not twice)."""
+import numpy as np
+
+from llmpy.config import GPTConfig
+from llmpy.model import GPT
+from llmpy.ops import cpu
+from llmpy.optim import AdamW
+from llmpy.profile import OpTimer
+
+
+def test_op_timer_counts_every_op_of_a_step():
+    cfg = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(cfg, seed=0)
+    opt = AdamW(model, threads=1)
+    x = np.random.default_rng(0).integers(0, 100, (2, 16))
+    with OpTimer(model.ops) as timer:
+        for _ in range(2):
+            model.zero_grad()
+            model.forward(x, x)
+            model.backward()
+            opt.step()
+    assert cpu.matmul_forward.__name__ == "matmul_forward"          # unwrapped again
+    totals = timer.totals()
+    L = cfg.n_layer
+    # per step: 4 matmuls a layer + the LM head; 2 layernorms a layer + the final one
+    assert totals["matmul_forward"][0] == 2 * (4 * L + 1)
+    assert totals["matmul_backward"][0] == 2 * (4 * L + 1)
+    assert totals["layernorm_forward"][0] == 2 * (2 * L + 1)
+    assert totals["attention_backward"][0] == 2 * L
+    assert "gelu_forward" not in totals          # called inside the fc matmul only: counted there
+    assert all(ms >= 0 for _, ms in totals.values())
+    table = timer.table(steps=2)
+    assert "matmul_forward" in table and "total in ops" in table
