@@ -141,25 +141,29 @@ def loss_tracks_fp32(xp, steps):
     from llmpy.optim import AdamW, clip_scale, global_norm
     cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
     rng = np.random.default_rng(7)
-    # a learnable stream: token t+1 = (3 * token t + 1) mod 64, with 10% noise
-    seq = np.zeros((4, 17), np.int64)
-    seq[:, 0] = rng.integers(0, 64, 4)
+    # a learnable stream: token t+1 = (3 * token t + 1) mod 64, with 10% noise;
+    # a new batch every step, so the loss falls to the noise's entropy (~0.75)
+    # instead of to ~0 on one memorized batch (where relative errors mean little)
+    seq = np.zeros((steps, 4, 17), np.int64)
+    seq[:, :, 0] = rng.integers(0, 64, (steps, 4))
     for t in range(16):
-        seq[:, t + 1] = np.where(rng.random(4) < 0.9, (3 * seq[:, t] + 1) % 64, rng.integers(0, 64, 4))
-    x, y = xp.asarray(seq[:, :-1]), xp.asarray(seq[:, 1:])
+        noise = rng.random((steps, 4)) >= 0.9
+        seq[:, :, t + 1] = np.where(noise, rng.integers(0, 64, (steps, 4)), (3 * seq[:, :, t] + 1) % 64)
+    batches = [(xp.asarray(b[:, :-1]), xp.asarray(b[:, 1:])) for b in seq]
     losses = {}
     for dtype in ("fp32", "bf16"):
         model = GPT(cfg, device="cuda", seed=0, dtype=dtype)
         opt = AdamW(model, weight_decay=0.1)
         losses[dtype] = []
-        for _ in range(steps):
+        for x, y in batches:
             model.zero_grad()
             _, loss = model.forward(x, y)
             model.backward()
             opt.step(lr=3e-3, grad_scale=clip_scale(global_norm(model), 1.0))
             losses[dtype].append(loss)
     l32, l16 = np.array(losses["fp32"]), np.array(losses["bf16"])
-    assert l32[-1] < 0.8 * l32[0]                          # it learned something
-    worst = np.max(np.abs(l16 - l32) / l32)
-    assert worst <= 0.01, worst
+    assert l32[-1] < 0.5 * l32[0]                          # it learned the rule
+    rel = np.abs(l16 - l32) / l32
+    worst = np.max(rel)
+    assert worst <= 0.01, (worst, int(np.argmax(rel)), l32[::10].round(3).tolist(), rel[::10].round(4).tolist())
     return worst
