@@ -51,10 +51,12 @@ step train 120 bash -c "python3 -m llmpy train --device cuda --dtype bf16 --mode
  && python3 -m llmpy train --device cuda --dtype bf16 --model d4 -B 16 -T 256 \
     --steps 60 --val-every 20 --sample-every 0 --checkpoint-every 30 --resume --no-progress --out $OUT/run"
 
-# 3. speed: d12 at the issue's shape, llmpy and torch.compile in one run
+# 3. speed: d12 at the issue's shape, llmpy and torch.compile in one run, then
+#    llmpy's time per op (steps run op by op) and without the CUDA graph
 step bench_d12 300 python3 -m llmpy bench --device cuda --model d12 -B 64 -T 1024 --dtype bf16 \
-    --compare torch --json
-cp "$OUT/bench_d12.log" "$OUT/bench_d12.json" 2>/dev/null
+    --compare torch --profile --json
+step bench_d12_table 120 python3 -m llmpy bench --device cuda --model d12 -B 64 -T 1024 --dtype bf16 \
+    --no-graphs --profile
 
 # 4. scale: one step of each big model, peak memory
 for m in d24 d36 d48; do

@@ -150,8 +150,11 @@ def _out_of_memory(e, who, B, T):
                          "(or --only torch for the reference alone)") from None
 
 
-def bench_llmpy(cfg, device, B, T, steps, dtype="fp32"):
-    """(seconds per step, peak pool MiB or None)."""
+def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=False):
+    """(seconds per step, peak pool MiB or None, extra facts). On cuda the step
+    is train.py's: graph_step.DeviceStep, replayed as a CUDA graph unless
+    graphs=False. profile=True then times a few more steps op by op
+    (profile.OpTimer) and returns the table in extra["profile"]."""
     from .model import GPT
     from .optim import AdamW, clip_scale, global_norm
     if dtype == "fp32":
@@ -162,22 +165,44 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32"):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (B, T + 1))
     x, y = ids[:, :-1], ids[:, 1:]
-    x, y = model.xp.asarray(x), model.xp.asarray(y)
     # CuPy's pool only grows (cached blocks are reused, not returned), so its
     # size after each step is the peak so far.
     pool = model.xp.get_default_memory_pool() if device == "cuda" else None
     peak = [0]
+    extra = {}
 
-    def step():
+    def plain_step():
         model.zero_grad()
         model.forward(x, y)
         model.backward()
         opt.step(grad_scale=clip_scale(global_norm(model), 1.0))
         if pool is not None:
             peak[0] = max(peak[0], pool.total_bytes())
-    sync = model.ops.synchronize if device == "cuda" else None
-    times = _time_steps(step, 2, steps, sync)
-    return times, (round(peak[0] / 2**20, 1) if pool is not None else None)
+
+    if device == "cuda":
+        from .graph_step import DeviceStep
+        device_step = DeviceStep(model, opt, B, T, grad_clip=1.0, capture=graphs)
+
+        def step():
+            device_step(x, y, 1e-4)                  # returns once the GPU is done (it reads the loss)
+            peak[0] = max(peak[0], pool.total_bytes())
+        times = _time_steps(step, 2, steps, None)
+        extra["cuda_graph"] = device_step.graph is not None
+        extra["matmuls"] = model.ops.matmul_library
+        # what attention kept: (L, B, NH, T) row logsumexps = cuDNN flash attention,
+        # (L, B, NH, T, T) probabilities = our batched-GEMM path
+        extra["attention"] = ("cudnn flash attention" if model.acts.att.ndim == 4
+                              else model.ops.attention_library)
+    else:
+        times = _time_steps(plain_step, 2, steps, None)
+    if profile:
+        from .profile import OpTimer
+        with OpTimer(model.ops) as timer:
+            for _ in range(3):
+                plain_step()
+        extra["profile"] = timer.table(steps=3)
+        extra["profile_ms"] = {k: round(ms / 3, 3) for k, (_, ms) in timer.totals().items()}
+    return times, (round(peak[0] / 2**20, 1) if pool is not None else None), extra
 
 
 def bench_torch(cfg, B, T, steps, threads, device="cpu", dtype="fp32", compile=False):
@@ -209,7 +234,7 @@ def _llmpy_supports(dtype, device):
 
 
 def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp32", only=None,
-          compile=None) -> dict:
+          compile=None, graphs=True, profile=False) -> dict:
     """Run the benchmark; returns the result dict (`llmpy bench --json` prints it).
 
     only="torch" times the PyTorch reference alone (implies compare="torch").
@@ -246,7 +271,8 @@ def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp
 
     if run_llmpy:
         try:
-            times, peak_mib = bench_llmpy(cfg, device, B, T, steps, dtype)
+            times, peak_mib, extra = bench_llmpy(cfg, device, B, T, steps, dtype, graphs, profile)
+            res.update(extra)
         except Exception as e:
             _out_of_memory(e, "llmpy", B, T)
             raise
@@ -296,6 +322,11 @@ def print_table(res: dict) -> str:
                          f"{(f'{mib:.0f}' if mib is not None else '-'):>10}")
         if "speedup_vs_torch" in res:
             lines.append(f"llmpy tokens/s / pytorch tokens/s: {res['speedup_vs_torch']:.3f}")
+        if "cuda_graph" in res:
+            lines.append(f"llmpy: CUDA graph {'on' if res['cuda_graph'] else 'off'}; matmuls: {res['matmuls']}; "
+                         f"attention: {res['attention']}")
+        if "profile" in res:
+            lines += ["llmpy time per op (steps run op by op, no graph):", res["profile"]]
         return "\n".join(lines)
     lines = [f"{res['model']} B={res['B']} T={res['T']} on {res['device']} ({res['threads']} threads); "
              f"sgemm {res.get('sgemm_gflops', '-')} GFLOP/s, matmul floor {res.get('floor_ms', '-')} ms/step",
@@ -304,4 +335,6 @@ def print_table(res: dict) -> str:
         lines.append(f"{name:16}{ms:10.1f}{tps:12.1f}{(f'{share:.1%}' if share else '-'):>13}")
     if "ratio" in res:
         lines.append(f"ratio llmpy / pytorch: {res['ratio']:.3f}")
+    if "profile" in res:
+        lines += ["llmpy time per op:", res["profile"]]
     return "\n".join(lines)

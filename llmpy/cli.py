@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the reference (default: on for cuda, off for cpu)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="cuda: launch llmpy's kernels one by one instead of replaying a CUDA graph")
+    p.add_argument("--profile", action="store_true", help="also time llmpy's step op by op (a table per op)")
     return ap
 
 
@@ -198,5 +201,6 @@ def _run(args):
     elif args.command == "bench":
         from .bench import bench, print_table
         res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare,
-                    dtype=args.dtype, only=args.only, compile=args.compile)
+                    dtype=args.dtype, only=args.only, compile=args.compile, graphs=args.graphs,
+                    profile=args.profile)
         print(json.dumps(res) if args.json else print_table(res))

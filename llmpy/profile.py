@@ -10,7 +10,8 @@ bracketed by two CUDA events recorded on the current stream: the GPU time
 between them is the op's, measured without stopping the stream (the events
 are read once, at the end). On the CPU it is the wall clock around the call.
 Calls made from inside another op (the CUDA matmul falling back to the GELU
-kernel, say) count towards the outer op only.
+kernel, say) count towards the outer op only. (On the CPU, AdamW's chunks
+run on two threads at once: their times add up to more than the wall clock.)
 
 This profiles steps run op by op, not a replayed CUDA graph (a graph is one
 launch: nothing to wrap); launch gaps between ops are not attributed to any
@@ -18,6 +19,7 @@ op, and show up as the difference between the table's total and the step.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 
@@ -33,13 +35,14 @@ class OpTimer:
         self.gpu = getattr(ops, "name", "") == "cuda"
         self.records = defaultdict(list)      # op -> [(start, end)] events, or [seconds]
         self._saved = {}
-        self._depth = 0
+        self._local = threading.local()       # nesting depth, per thread (CPU AdamW runs on two)
 
     def _wrap(self, name, fn):
         def timed(*args, **kwargs):
-            if self._depth:
+            depth = getattr(self._local, "depth", 0)
+            if depth:
                 return fn(*args, **kwargs)
-            self._depth += 1
+            self._local.depth = 1
             try:
                 if self.gpu:
                     import cupy
@@ -54,7 +57,7 @@ class OpTimer:
                     self.records[name].append(time.perf_counter() - t0)
                 return out
             finally:
-                self._depth -= 1
+                self._local.depth = 0
         return timed
 
     def __enter__(self):
