@@ -193,6 +193,9 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
         # (L, B, NH, T, T) probabilities = our batched-GEMM path
         extra["attention"] = ("cudnn flash attention" if model.acts.att.ndim == 4
                               else model.ops.attention_library)
+        from .model import memory_estimate          # what the buffers alone should take, to compare with peak_mib
+        est = memory_estimate(cfg, B, T, dtype, flash=model.acts.att.ndim == 4)
+        extra["estimate_mib"] = round(est["total"] / 2**20, 1)
     else:
         times = _time_steps(plain_step, 2, steps, None)
     if profile:

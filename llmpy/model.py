@@ -114,6 +114,43 @@ class Activations:
         self.datt = z(*datt_shape)
 
 
+class _ShapesOnly:
+    """An array module whose arrays have shapes and sizes but no memory (for memory_estimate)."""
+    @staticmethod
+    def empty(shape, dtype):
+        return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+class _AttentionAs:
+    """attention_saved as the CUDA backend answers it, flash attention or not."""
+    def __init__(self, flash):
+        self.flash = flash
+
+    def attention_saved(self, B, NH, T, hs, dtype):
+        if self.flash and np.dtype(dtype) != np.float32:
+            return (B, NH, T), np.float32, (1,)
+        return (B, NH, T, T), dtype, (B, NH, T, T)
+
+
+def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: bool = True) -> dict:
+    """Bytes a training step's buffers take, by kind, counted from the same
+    shapes the model allocates (Activations and the flat buffers): fp32
+    master weights, the bf16 compute copy (bf16 only), gradients, AdamW's m
+    and v, and the activations for one (B, T). flash: cuDNN attention keeps
+    a logsumexp per row instead of the (T, T) probabilities. Not counted:
+    per-op scratch (attention's head-major q/k/v copies, ~7 B T C elements
+    without flash), the cuBLASLt / cuDNN workspaces and allocator slack."""
+    from ml_dtypes import bfloat16
+    act = np.dtype(np.float32) if dtype == "fp32" else np.dtype(bfloat16)
+    n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(cfg))
+    acts = Activations(cfg, B, T, _ShapesOnly, act, _AttentionAs(flash))
+    act_bytes = sum(v.nbytes for v in vars(acts).values() if isinstance(v, np.ndarray))
+    out = {"params_fp32": 4 * n, "compute_copy": 0 if dtype == "fp32" else act.itemsize * n,
+           "grads": act.itemsize * n, "adamw_m_v": 8 * n, "activations": act_bytes}
+    out["total"] = sum(out.values())
+    return out
+
+
 class GPT:
     """GPT-2 language model. `GPT(config, device="cpu", seed=0, dtype="fp32")`."""
 
