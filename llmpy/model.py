@@ -140,8 +140,11 @@ def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: 
     a logsumexp per row instead of the (T, T) probabilities. Not counted:
     per-op scratch (attention's head-major q/k/v copies, ~7 B T C elements
     without flash), the cuBLASLt / cuDNN workspaces and allocator slack."""
-    from ml_dtypes import bfloat16
-    act = np.dtype(np.float32) if dtype == "fp32" else np.dtype(bfloat16)
+    if dtype == "fp32":
+        act = np.dtype(np.float32)
+    else:
+        from ml_dtypes import bfloat16
+        act = np.dtype(bfloat16)
     n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(cfg))
     acts = Activations(cfg, B, T, _ShapesOnly, act, _AttentionAs(flash))
     act_bytes = sum(v.nbytes for v in vars(acts).values() if isinstance(v, np.ndarray))
