@@ -271,17 +271,23 @@ def test_training_step_matches_cpu(cuda, shard):
             assert not np.any(g_p[name]), name
 
 
-def test_forward_cached(cuda):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_forward_cached(cuda, dtype):
+    # sampling with the KV cache against the training forward; in bf16 the
+    # two round differently (cached attention runs in float32), so 2e-2
+    if dtype == "bf16" and BF16 is None:
+        pytest.skip("bf16 needs ml_dtypes")
     from llmpy.model import GPT
     cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
-    model = GPT(cfg, device="cuda", seed=4)
+    model = GPT(cfg, device="cuda", seed=4, dtype=dtype)
     ids = np.random.default_rng(2).integers(0, 200, (1, 10))
-    full = model.forward(ids)[0].copy()
+    full = model.forward(ids)[0].astype(np.float32)
     cache = model.new_kv_cache(B=1)
-    first = model.forward_cached(ids[:, :6], cache, all_logits=True)
-    nxt = model.forward_cached(ids[:, 6:7], cache)
-    assert rel_err(first, full[:, :6]) <= 1e-5
-    assert rel_err(nxt, full[:, 6]) <= 1e-5
+    first = model.forward_cached(ids[:, :6], cache, all_logits=True).astype(np.float32)
+    nxt = model.forward_cached(ids[:, 6:7], cache).astype(np.float32)
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert rel_err(first, full[:, :6]) <= tol
+    assert rel_err(nxt, full[:, 6]) <= tol
 
 
 # ---------------------------------------------------------------------------- bf16 mixed precision

@@ -557,6 +557,10 @@ def attention_forward_cached(out, q, k, v, pos):
     # the pos + t cached keys; query i sees keys s <= pos + i. Plain CuPy: this
     # is a sampling path, small next to the training step.
     t, hs = q.shape[-2], q.shape[-1]
+    if q.dtype != np.float32:
+        # bf16 model: this small computation in float32 (CuPy's bf16 support
+        # covers fewer functions), rounded once into out
+        q, k, v = (a.astype(np.float32) for a in (q, k, v))
     att = cupy.matmul(q, k.swapaxes(-1, -2))               # (B, NH, t, S)
     att *= f32(1.0 / math.sqrt(hs))
     if t > 1:
