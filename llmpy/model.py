@@ -80,7 +80,7 @@ class Activations:
     """Everything the forward pass keeps for the backward pass, for one (B, T)."""
 
     def __init__(self, cfg: GPTConfig, B: int, T: int, xp, dtype=np.float32, ops=None):
-        L, C, NH, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size
+        L, C, NH, Vp = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size
         N = B * T
         z = lambda *shape: xp.empty(shape, dtype=dtype)  # noqa: E731  storage type of the activations
         f32 = lambda *shape: xp.empty(shape, dtype=np.float32)  # noqa: E731  statistics stay float32
@@ -99,7 +99,10 @@ class Activations:
         self.fch_gelu = z(L, N, 4 * C)
         self.residual3 = z(L, N, C)          # x + mlp branch = next layer's input
         self.lnf, self.lnf_mean, self.lnf_rstd = z(N, C), f32(N), f32(N)
-        self.logits = z(N, V)                # becomes dlogits in the backward pass
+        # logits over the padded vocabulary (Vp = 50304 = 393 x 128: rows of a
+        # size the GPU's matmuls like); only the first V columns are real, the
+        # classifier ignores the rest and its backward zeroes them
+        self.logits = z(N, Vp)               # becomes dlogits in the backward pass
         self.lse = f32(N)                    # logsumexp of each row of logits
         self.losses = f32(N)
         self.targets = None
@@ -261,9 +264,9 @@ class GPT:
             ops.residual_forward(a.residual3[l], a.residual3[l], a.residual2[l])  # residual
             x = a.residual3[l]
         ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb)
-        # LM head against the real vocabulary rows only: the padded rows never
-        # become logits, so they cannot enter the softmax or the loss.
-        ops.matmul_forward(a.logits, a.lnf, p.wte[:cfg.vocab_size], None)
+        # LM head over all Vp rows of wte; the classifier reads the first V
+        # columns only, so the padded rows cannot enter the softmax or the loss.
+        ops.matmul_forward(a.logits, a.lnf, p.wte, None)
 
         a.ids = ids
         self._have_forward = True
@@ -272,11 +275,11 @@ class GPT:
             a.targets = (self._check_ids(targets, "targets") if sync else targets).reshape(N)
             if a.targets.shape[0] != N:
                 raise LlmpyError(f"targets shape {targets.shape} does not match ids shape {ids.shape}")
-            ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets)
+            ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets, V=cfg.vocab_size)
             loss = float(a.losses.mean()) if sync else None
         else:
             a.targets = None
-        return a.logits.reshape(B, T, cfg.vocab_size), loss
+        return a.logits[:, :cfg.vocab_size].reshape(B, T, cfg.vocab_size), loss
 
     def _check_ids(self, ids, what):
         ids = self.xp.asarray(ids)
@@ -311,12 +314,10 @@ class GPT:
         N, C, NH = B * T, cfg.n_embd, cfg.n_head
 
         # d(mean loss)/d(loss_n) = 1/N; the classifier turns logits into dlogits
-        ops.crossentropy_backward(a.logits, a.lse, a.targets, loss_scale / N)
+        # (the padded columns of dlogits are zero, so the padded rows of wte get no gradient)
+        ops.crossentropy_backward(a.logits, a.lse, a.targets, loss_scale / N, V=cfg.vocab_size)
         dlogits = a.logits
-        ops.matmul_backward(a.dC, g.wte[:cfg.vocab_size], None, dlogits, a.lnf,
-                            p.wte[:cfg.vocab_size], acc=acc)
-        if not acc:
-            g.wte[cfg.vocab_size:] = 0
+        ops.matmul_backward(a.dC, g.wte, None, dlogits, a.lnf, p.wte, acc=acc)
         dres = a.dresidual
         dres[...] = 0
         x_last = a.residual3[cfg.n_layer - 1] if cfg.n_layer else a.encoded

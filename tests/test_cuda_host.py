@@ -196,12 +196,18 @@ def test_ops_match_cpu(cuda):
         for g, c in zip(got, ref):
             assert rel_err(g, c) <= 1e-5, name
 
-    logits = r(N, V)
+    Vp = V + 6                                     # padded logits: the padding must not count
+    logits = r(N, Vp)
+    logits[:, V:] = np.nan
     tg = rng.integers(0, V, N)
     l_ref, s_ref, l_got, s_got = np.empty(N, np.float32), np.empty(N, np.float32), nan(N), nan(N)
-    cpu.crossentropy_forward(l_ref, s_ref, logits, tg)
-    cuda.crossentropy_forward(l_got, s_got, logits, tg)
+    cpu.crossentropy_forward(l_ref, s_ref, logits[:, :V].copy(), tg)
+    cuda.crossentropy_forward(l_got, s_got, logits, tg, V=V)
     assert rel_err(l_got, l_ref) <= 1e-5 and rel_err(s_got, s_ref) <= 1e-5
+    d_ref, d_got = logits[:, :V].copy(), logits.copy()
+    cpu.crossentropy_backward(d_ref, s_ref, tg, 0.5)
+    cuda.crossentropy_backward(d_got, s_got, tg, 0.5, V=V)
+    assert rel_err(d_got[:, :V], d_ref) <= 1e-5 and not np.any(d_got[:, V:])
     assert abs(cuda.sum_of_squares(x) - cpu.sum_of_squares(x)) <= 1e-5 * cpu.sum_of_squares(x)
 
 

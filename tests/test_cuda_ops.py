@@ -255,24 +255,28 @@ def test_residual_forward(cuda, cp):
 
 # ---------------------------------------------------------------------------- classifier
 
-@pytest.mark.parametrize("V", [50257, 100])
-def test_crossentropy(cuda, cp, V):
+@pytest.mark.parametrize("V,Vp", [(50257, 50257), (50257, 50304), (100, 100)])
+def test_crossentropy(cuda, cp, V, Vp):
+    # Vp > V: the model's padded logits; the padding must not count, and its
+    # gradient is 0 (NaN in the padding here, so a read of it shows)
     rng = np.random.default_rng(12)
     N = 19
-    logits = rnd(rng, N, V, scale=4.0)
+    logits = rnd(rng, N, Vp, scale=4.0)
+    logits[:, V:] = np.nan
     targets = rng.integers(0, V, size=N)
     losses, lse = np.empty(N, np.float32), np.empty(N, np.float32)
-    cpu.crossentropy_forward(losses, lse, logits, targets)
+    cpu.crossentropy_forward(losses, lse, logits, targets, V=V)
     g_logits = cp.asarray(logits)
     g_losses, g_lse = nan(cp, N), nan(cp, N)
-    cuda.crossentropy_forward(g_losses, g_lse, g_logits, cp.asarray(targets))
+    cuda.crossentropy_forward(g_losses, g_lse, g_logits, cp.asarray(targets), V=V)
     assert rel_err(g_losses, losses) <= OP_RTOL
     assert rel_err(g_lse, lse) <= OP_RTOL
 
     dlogits = logits.copy()
-    cpu.crossentropy_backward(dlogits, lse, targets, 1.0 / N)
-    cuda.crossentropy_backward(g_logits, g_lse, cp.asarray(targets), 1.0 / N)
+    cpu.crossentropy_backward(dlogits, lse, targets, 1.0 / N, V=V)
+    cuda.crossentropy_backward(g_logits, g_lse, cp.asarray(targets), 1.0 / N, V=V)
     assert rel_err(g_logits, dlogits) <= OP_RTOL
+    assert not cp.any(g_logits[:, V:])
 
 
 # ---------------------------------------------------------------------------- optimizer pieces

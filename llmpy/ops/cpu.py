@@ -253,9 +253,14 @@ def residual_forward(out, a, b):
 _ROWS = 8   # rows per chunk: 8 x 50257 floats stay in L2 while we exp them
 
 
-def crossentropy_forward(losses, lse, logits, targets):
-    # losses, lse (N,); logits (N, V); targets (N,) int
-    N, V = logits.shape
+# The logits may be padded: (N, Vp) with only the first V columns real (the
+# model pads the vocabulary to a multiple of 128 for the GPU's matmuls). The
+# forward ignores the padding; the backward writes 0 there.
+
+def crossentropy_forward(losses, lse, logits, targets, V=None):
+    # losses, lse (N,); logits (N, Vp), V <= Vp real columns (default: all); targets (N,) int
+    N = logits.shape[0]
+    logits = logits[:, :V]
     for i in range(0, N, _ROWS):
         rows = logits[i:i + _ROWS]
         m = rows.max(axis=1)
@@ -264,11 +269,13 @@ def crossentropy_forward(losses, lse, logits, targets):
     losses[:] = lse - logits[np.arange(N), targets]
 
 
-def crossentropy_backward(logits, lse, targets, dloss):
-    # In place: logits (N, V) become dlogits = (softmax - onehot) * dloss, with
+def crossentropy_backward(logits, lse, targets, dloss, V=None):
+    # In place: logits (N, Vp) become dlogits = (softmax - onehot) * dloss, with
     # dloss the gradient of the final loss wrt each token's loss (a scalar:
-    # 1 / (N * accumulation steps) for a mean).
-    N, V = logits.shape
+    # 1 / (N * accumulation steps) for a mean); padded columns >= V become 0.
+    N = logits.shape[0]
+    logits[:, V if V is not None else logits.shape[1]:] = 0
+    logits = logits[:, :V]
     for i in range(0, N, _ROWS):
         rows = logits[i:i + _ROWS]
         rows -= lse[i:i + _ROWS, None]

@@ -598,22 +598,24 @@ def residual_forward(out, a, b):
 _CE_BLOCK = 1024            # one block per row of 50257 logits: ~50 values per thread
 
 
-def crossentropy_forward(losses, lse, logits, targets):
-    # losses, lse (N,); logits (N, V); targets (N,) int
+def crossentropy_forward(losses, lse, logits, targets, V=None):
+    # losses, lse (N,); logits (N, Vp) of which the first V columns are real; targets (N,) int
     _f32(losses, lse)
     bf = _floatx(logits)
-    N, V = logits.shape
+    N, Vp = logits.shape
+    V = Vp if V is None else V
     _kernel("classifier.cu", "crossentropy_forward", bf)(
-        (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), i32(N), i32(V)))
+        (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), i32(N), i32(V), i32(Vp)))
 
 
-def crossentropy_backward(logits, lse, targets, dloss):
-    # logits (N, V) become (softmax - onehot) * dloss, in place
+def crossentropy_backward(logits, lse, targets, dloss, V=None):
+    # logits (N, Vp) become (softmax - onehot) * dloss in the first V columns, 0 after, in place
     _f32(lse)
     bf = _floatx(logits)
-    N, V = logits.shape
+    N, Vp = logits.shape
+    V = Vp if V is None else V
     _kernel("classifier.cu", "crossentropy_backward", bf)(
-        (N,), (_CE_BLOCK,), (logits, lse, _ids64(targets), f32(dloss), i32(N), i32(V)))
+        (N,), (_CE_BLOCK,), (logits, lse, _ids64(targets), f32(dloss), i32(N), i32(V), i32(Vp)))
 
 
 # ----------------------------------------------------------------------------

@@ -6,7 +6,10 @@
 //
 // One block per row. The forward keeps lse so the backward need not redo the
 // max/sum pass, and the backward overwrites the logits with their gradient
-// (the (N, V) logits are the largest activation: no second buffer).
+// (the (N, V) logits are the largest activation: no second buffer). Rows are
+// `stride` >= V values apart: the model pads the vocabulary to Vp (a
+// multiple of 128, for the matmuls); columns V..stride-1 are not logits, the
+// forward skips them and the backward writes 0 there.
 #include "common.cuh"
 
 // "Online" softmax: each thread keeps a running max m and sum s of exp(x - m)
@@ -14,10 +17,10 @@
 // exp(m_old - m_new). Threads then agree on the block max and rescale their
 // sums to it before the block sum. One read of the row instead of two.
 extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const floatX* logits,
-                                                const long long* targets, int N, int V) {
+                                                const long long* targets, int N, int V, int stride) {
     __shared__ float shared[WARP_SIZE];
     int n = blockIdx.x;
-    const floatX* row = logits + (long long)n * V;
+    const floatX* row = logits + (long long)n * stride;
     float m = NEG_INF, s = 0.0f;
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float x = to_f(row[v]);
@@ -38,13 +41,13 @@ extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const
 // dloss the gradient of the final loss wrt every token's loss (1/N for a mean,
 // times the loss scale).
 extern "C" __global__ void crossentropy_backward(floatX* logits, const float* lse, const long long* targets,
-                                                 float dloss, int N, int V) {
+                                                 float dloss, int N, int V, int stride) {
     int n = blockIdx.x;
-    floatX* row = logits + (long long)n * V;
+    floatX* row = logits + (long long)n * stride;
     float l = lse[n];
     long long y = targets[n];
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float p = expf(to_f(row[v]) - l);
-        row[v] = from_f((p - (v == y ? 1.0f : 0.0f)) * dloss);
+    for (int v = threadIdx.x; v < stride; v += blockDim.x) {
+        float p = v < V ? expf(to_f(row[v]) - l) : 0.0f;
+        row[v] = from_f(v < V ? (p - (v == y ? 1.0f : 0.0f)) * dloss : 0.0f);
     }
 }
