@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Everything a session with a lent GPU should run, in one go, logs under $OUT.
 #
-#   run (device tool), carry [".whl"], timeout_s 600:
-#     bash bench/gpu_session.sh
+#   run (device tool), carry [".whl"]; one command may run 600 s at most, so
+#   in two calls:
+#     bash bench/gpu_session.sh tests train      (timeout_s 480)
+#     bash bench/gpu_session.sh bench scale      (timeout_s 560)
+#   (no arguments: all four parts)
 #
 # .whl holds the cp312 wheels the device image lacks: nvmath-python (cuBLASLt)
 # and nvidia-cudnn-frontend (flash attention; cuDNN itself is on the image).
@@ -25,6 +28,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 summary="$OUT/summary.txt"
 : > "$summary"
+parts=" ${*:-tests train bench scale} "
+want() { [[ "$parts" == *" $1 "* ]]; }
 
 step() {   # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, note the outcome
     local name=$1 limit=$2
@@ -42,24 +47,26 @@ print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"device\", cupy
 print(\"matmuls:\", c.matmul_library); print(\"attention:\", c.attention_library)"'
 
 # 1. correctness: every op vs NumPy (fp32 and bf16), a full step, 100 bf16 steps vs fp32
-step pytest_gpu 240 python3 -m pytest -m gpu -q -rs tests/test_cuda_ops.py tests/test_dist.py \
+want tests && step pytest_gpu 300 python3 -m pytest -m gpu -q -rs tests/test_cuda_ops.py tests/test_dist.py \
     --junitxml="$OUT/pytest_gpu.xml"
 
 # 2. end to end: embedded corpus, validation, sampling, checkpoints, resume
-step train 120 bash -c "python3 -m llmpy train --device cuda --dtype bf16 --model d4 -B 16 -T 256 \
+want train && step train 150 bash -c "python3 -m llmpy train --device cuda --dtype bf16 --model d4 -B 16 -T 256 \
     --steps 60 --val-every 20 --sample-every 0 --checkpoint-every 30 --stop-at 30 --no-progress --out $OUT/run \
  && python3 -m llmpy train --device cuda --dtype bf16 --model d4 -B 16 -T 256 \
     --steps 60 --val-every 20 --sample-every 0 --checkpoint-every 30 --resume --no-progress --out $OUT/run"
 
 # 3. speed: d12 at the issue's shape, llmpy and torch.compile in one run, then
 #    llmpy's time per op (steps run op by op) and without the CUDA graph
-step bench_d12 300 python3 -m llmpy bench --device cuda --model d12 -B 64 -T 1024 --dtype bf16 \
+want bench && step bench_d12 270 python3 -m llmpy bench --device cuda --model d12 -B 64 -T 1024 --dtype bf16 \
     --compare torch --profile --json
-step bench_d12_table 120 python3 -m llmpy bench --device cuda --model d12 -B 64 -T 1024 --dtype bf16 \
+want bench && step bench_d12_table 80 python3 -m llmpy bench --device cuda --model d12 -B 64 -T 1024 --dtype bf16 \
     --no-graphs --profile
 
 # 4. scale: one step of each big model, peak memory
-for m in d24 d36 d48; do
-    step "mem_$m" 120 python3 -m llmpy bench --device cuda --model "$m" -B 4 -T 1024 --dtype bf16 --steps 5 --json
+# (d48 first: the one that matters most for fitting in memory)
+for m in d48 d36 d24; do
+    want scale && step "mem_$m" 60 python3 -m llmpy bench --device cuda --model "$m" -B 4 -T 1024 --dtype bf16 \
+        --steps 5 --json
 done
 echo "done; see $summary"
