@@ -84,7 +84,11 @@ class DeviceStep:
             else:
                 self._body()
                 self.eager_steps += 1
-            losses = self.model.acts.losses
+            # The activations this step wrote (a captured graph writes these same
+            # buffers on every replay). Holding them here keeps their memory
+            # alive even if the model's cache of activations drops them.
+            self.acts = self.model.acts if self.graph is None else self.acts
+            losses = self.acts.losses
             loss = float(losses.mean())                # waits for the step
             norm = math.sqrt(float(self.sumsq[0])) if float(self.sumsq[0]) >= 0 else float("nan")
         return loss, norm
