@@ -251,19 +251,30 @@ class GPT:
 
         ops.encoder_forward(a.encoded.reshape(B, T, C), ids, p.wte, p.wpe)
         x = a.encoded
+        # Each residual add is fused with the layernorm that reads its result
+        # (residual_layernorm_forward: res = a + b, out = layernorm(res)), so
+        # the first layer's ln1 is the only standalone one (and lnf without layers).
+        if cfg.n_layer:
+            ops.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], x, p.ln1w[0], p.ln1b[0])
+        else:
+            ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb)
         for l in range(cfg.n_layer):
-            ops.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], x, p.ln1w[l], p.ln1b[l])
             ops.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
             ops.attention_forward(a.atty[l].reshape(B, T, C), a.att[l], a.qkv[l].reshape(B, T, 3 * C), NH)
             ops.matmul_forward(a.residual2[l], a.atty[l], p.attprojw[l], p.attprojb[l])
-            ops.residual_forward(a.residual2[l], a.residual2[l], x)  # residual
-            ops.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], p.ln2w[l], p.ln2b[l])
+            # residual2 = x + attention branch; ln2 = layernorm(residual2)
+            ops.residual_layernorm_forward(a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l],
+                                           a.residual2[l], x, p.ln2w[l], p.ln2b[l])
             # fc and its GELU: fch = ln2 @ fcw^T + fcb, fch_gelu = gelu(fch) (one fused op)
             ops.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l], gelu_out=a.fch_gelu[l])
             ops.matmul_forward(a.residual3[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
-            ops.residual_forward(a.residual3[l], a.residual3[l], a.residual2[l])  # residual
+            # residual3 = residual2 + mlp branch; then the next layer's ln1, or lnf after the last
+            if l + 1 < cfg.n_layer:
+                ln, mean, rstd, w, b = a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1], p.ln1w[l + 1], p.ln1b[l + 1]
+            else:
+                ln, mean, rstd, w, b = a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
+            ops.residual_layernorm_forward(a.residual3[l], ln, mean, rstd, a.residual3[l], a.residual2[l], w, b)
             x = a.residual3[l]
-        ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb)
         # LM head over all Vp rows of wte; the classifier reads the first V
         # columns only, so the padded rows cannot enter the softmax or the loss.
         ops.matmul_forward(a.logits, a.lnf, p.wte, None)

@@ -48,15 +48,16 @@ def ops_match_cpu(cuda, xp):
          lambda o: (o[0], o[1], o[2], x32, lnw32, lnb32), [(N, C), (N,), (N,)]),
         ("gelu_forward", lambda o: (o[0], x), lambda o: (o[0], x32), [(N, C)]),
         ("residual_forward", lambda o: (o[0], x, x2), lambda o: (o[0], x32, x2_32), [(N, C)]),
+        ("residual_layernorm_forward", lambda o: (o[0], o[1], o[2], o[3], x, x2, lnw, lnb),
+         lambda o: (o[0], o[1], o[2], o[3], x32, x2_32, lnw32, lnb32), [(N, C), (N, C), (N,), (N,)]),
         ("matmul_forward", lambda o: (o[0], x, w, b), lambda o: (o[0], x32, w32, b32), [(N, 3 * C)]),
         ("attention_forward", lambda o: (o[0], o[1], qkv, NH), lambda o: (o[0], o[1], qkv32, NH),
          [(B, T, C), (B, NH, T, T)]),
     ]
     for name, args16, args32, shapes in cases:
         ref = [np.empty(s, np.float32) for s in shapes]
-        # layernorm's mean and rstd are float32 outputs in both precisions
-        got = [xp.full(s, np.nan, np.float32 if (name == "layernorm_forward" and i > 0) else BF16)
-               for i, s in enumerate(shapes)]
+        # layernorm's mean and rstd (the 1-D outputs) are float32 in both precisions
+        got = [xp.full(s, np.nan, np.float32 if len(s) == 1 else BF16) for s in shapes]
         getattr(cpu, name)(*args32(ref))
         getattr(cuda, name)(*args16(got))
         for g, c in zip(got, ref):

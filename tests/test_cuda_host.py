@@ -57,7 +57,7 @@ SIGS = {name: [t.replace("const ", "").strip() for t in sig]
 POINTER_DTYPES = {"float*": np.float32, "double*": np.float64,
                   "long long*": np.int64, "int*": np.int32}
 SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32, "unsigned": np.uint32}
-WARP_KERNELS = {"layernorm_forward", "layernorm_backward_input", "attention_softmax_forward",
+WARP_KERNELS = {"layernorm_forward", "residual_layernorm_forward", "layernorm_backward_input", "attention_softmax_forward",
                 "attention_softmax_backward", "crossentropy_forward", "sum_of_squares_partial"}
 
 
@@ -185,6 +185,8 @@ def test_ops_match_cpu(cuda):
         ("layernorm_forward", lambda o: (o[0], o[1], o[2], x, lnw, lnb), [(N, C), (N,), (N,)]),
         ("gelu_forward", lambda o: (o[0], x), [(N, C)]),
         ("residual_forward", lambda o: (o[0], x, x2), [(N, C)]),
+        ("residual_layernorm_forward", lambda o: (o[0], o[1], o[2], o[3], x, x2, lnw, lnb),
+         [(N, C), (N, C), (N,), (N,)]),
         ("matmul_forward", lambda o: (o[0], x, w, b), [(N, 3 * C)]),
         ("attention_forward", lambda o: (o[0], o[1], qkv, NH), [(B, T, C), (B, NH, T, T)]),
     ]

@@ -109,6 +109,24 @@ def test_layernorm_forward(cuda, cp):
     assert rel_err(g_rstd, rstd) <= OP_RTOL
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_residual_layernorm_forward(cuda, cp, in_place):
+    rng = np.random.default_rng(3)
+    N, C = 77, 200
+    a, b = rnd(rng, N, C, scale=3.0) + 1.5, rnd(rng, N, C)
+    w, bias = rnd(rng, C), rnd(rng, C)
+    res, out = np.empty((N, C), np.float32), np.empty((N, C), np.float32)
+    mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
+    cpu.residual_layernorm_forward(res, out, mean, rstd, a, b, w, bias)
+    g_a = cp.asarray(a)
+    g_res = g_a if in_place else nan(cp, N, C)
+    g_out, g_mean, g_rstd = nan(cp, N, C), nan(cp, N), nan(cp, N)
+    cuda.residual_layernorm_forward(g_res, g_out, g_mean, g_rstd, g_a, cp.asarray(b), cp.asarray(w),
+                                    cp.asarray(bias))
+    for g, c in ((g_res, res), (g_out, out), (g_mean, mean), (g_rstd, rstd)):
+        assert rel_err(g, c) <= OP_RTOL
+
+
 @pytest.mark.parametrize("acc", [False, True])
 def test_layernorm_backward(cuda, cp, acc):
     rng = np.random.default_rng(3)

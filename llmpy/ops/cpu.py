@@ -80,6 +80,13 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
     out += bias
 
 
+def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias):
+    # The residual add fused with the layernorm after it (one kernel on the
+    # GPU): res = a + b (res may be a), out = layernorm(res).
+    np.add(a, b, out=res)
+    layernorm_forward(out, mean, rstd, res, weight, bias)
+
+
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, acc=True):
     # With xhat = (x - mean) * rstd and g = dout * w (the gradient wrt xhat):
     #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))

@@ -257,6 +257,16 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
         (_blocks(N, rows_per_block),), (_BLOCK,), (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
 
 
+def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias):
+    # res = a + b (res may be a), out = layernorm(res); res, out, a, b (N, C)
+    _f32(mean, rstd)
+    bf = _floatx(res, out, a, b, weight, bias)
+    C = a.shape[-1]
+    N = a.size // C
+    _kernel("layernorm.cu", "residual_layernorm_forward", bf)(
+        (_blocks(N, _BLOCK // 32),), (_BLOCK,), (res, out, mean, rstd, a, b, weight, bias, i32(N), i32(C)))
+
+
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, acc=True):
     # dinp is ADDED to; scratch (2, N, C) float32 holds the column partial sums.
     _f32(mean, rstd, scratch)

@@ -28,6 +28,34 @@ extern "C" __global__ void layernorm_forward(floatX* out, float* mean, float* rs
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
+// The residual add before a layernorm, fused with it: res = a + b, then
+// out = layernorm(res). The unfused pair writes res and reads it back in a
+// second kernel; here each lane re-reads only the values it just wrote
+// (cache hits), saving a pass over (N, C) in memory. The statistics are of
+// res as stored (rounded to bf16 in bf16), exactly what the separate
+// layernorm would see. res may be the same buffer as a (in place).
+extern "C" __global__ void residual_layernorm_forward(floatX* res, floatX* out, float* mean, float* rstd,
+                                                      const floatX* a, const floatX* b, const floatX* weight,
+                                                      const floatX* bias, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    int lane = threadIdx.x % WARP_SIZE;
+    if (row >= N) return;
+    long long o = (long long)row * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        floatX r = from_f(to_f(a[o + c]) + to_f(b[o + c]));
+        res[o + c] = r;
+        s += to_f(r);
+    }
+    float m = warp_sum(s) / C;
+    float v = 0.0f;
+    for (int c = lane; c < C; c += WARP_SIZE) { float d = to_f(res[o + c]) - m; v += d * d; }
+    float r = 1.0f / sqrtf(warp_sum(v) / C + LN_EPS);
+    for (int c = lane; c < C; c += WARP_SIZE)
+        out[o + c] = from_f((to_f(res[o + c]) - m) * r * to_f(weight[c]) + to_f(bias[c]));
+    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+}
+
 // Input gradient, ADDED into dinp (the residual stream's gradient). With
 // xhat = (x - mean) * rstd and g = dout * w the gradient wrt xhat,
 //     dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
