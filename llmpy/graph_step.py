@@ -54,7 +54,7 @@ class DeviceStep:
     def _body(self, capturing=False):
         m = self.model
         m.zero_grad()
-        m.forward(self.ids, self.targets, sync=False)
+        m.forward(self.ids, self.targets, sync=False, loss_scale=1.0)   # the loss and dlogits in one pass
         m.backward(sorted_order=(self.sorted_ids, self.order))
         self.ops.sum_of_squares_into(m.grads.flat, self.sumsq)
         self.optimizer.step(self._lr, sumsq=self.sumsq, max_norm=self.grad_clip, upload=not capturing)

@@ -107,6 +107,7 @@ class Activations:
         self.losses = f32(N)
         self.targets = None
         self.ids = None
+        self.dlogits_scale = None            # set when forward() already turned logits into dlogits
         # backward scratch: one layer's worth, reused by every layer
         self.dresidual = z(N, C)
         self.dC = z(N, C)                    # dln1 / dln2 / datty / dlnf
@@ -230,7 +231,7 @@ class GPT:
         self._acts_by_shape[(B, T)] = self.acts   # most recently used goes last
         return self.acts
 
-    def forward(self, ids, targets=None, sync=True):
+    def forward(self, ids, targets=None, sync=True, loss_scale=None):
         """ids (B, T) ints -> (logits (B, T, V), mean loss or None).
 
         The logits are a view of the model's own buffer: valid until the next
@@ -239,7 +240,12 @@ class GPT:
         sync=False is for a step that must not wait for the GPU (a CUDA
         graph, see graph_step.py): the ids are not checked (the caller has)
         and the loss is not computed (the per-token losses are left in
-        self.acts.losses); the loss returned is None."""
+        self.acts.losses); the loss returned is None.
+
+        loss_scale (with targets): the backward(loss_scale) that will follow
+        is started now, the classifier writing the logits' gradient in the
+        same pass over the logits that computes the loss (the returned
+        logits are then that gradient)."""
         ops, cfg, p = self.ops, self.config, self.compute_params
         if sync:
             ids = self._check_ids(ids, "ids")
@@ -286,10 +292,16 @@ class GPT:
             a.targets = (self._check_ids(targets, "targets") if sync else targets).reshape(N)
             if a.targets.shape[0] != N:
                 raise LlmpyError(f"targets shape {targets.shape} does not match ids shape {ids.shape}")
-            ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets, V=cfg.vocab_size)
+            if loss_scale is None:
+                ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets, V=cfg.vocab_size)
+            else:   # d(mean loss)/d(loss_n) = loss_scale / N, as in backward()
+                ops.crossentropy_forward_backward(a.losses, a.lse, a.logits, a.targets, loss_scale / N,
+                                                  V=cfg.vocab_size)
+            a.dlogits_scale = loss_scale
             loss = float(a.losses.mean()) if sync else None
         else:
             a.targets = None
+            a.dlogits_scale = None
         return a.logits[:, :cfg.vocab_size].reshape(B, T, cfg.vocab_size), loss
 
     def _check_ids(self, ids, what):
@@ -325,8 +337,12 @@ class GPT:
         N, C, NH = B * T, cfg.n_embd, cfg.n_head
 
         # d(mean loss)/d(loss_n) = 1/N; the classifier turns logits into dlogits
-        # (the padded columns of dlogits are zero, so the padded rows of wte get no gradient)
-        ops.crossentropy_backward(a.logits, a.lse, a.targets, loss_scale / N, V=cfg.vocab_size)
+        # (the padded columns of dlogits are zero, so the padded rows of wte get no gradient),
+        # unless forward(loss_scale=...) did it already
+        if a.dlogits_scale is None:
+            ops.crossentropy_backward(a.logits, a.lse, a.targets, loss_scale / N, V=cfg.vocab_size)
+        elif a.dlogits_scale != loss_scale:
+            raise LlmpyError(f"backward(loss_scale={loss_scale}) after forward(loss_scale={a.dlogits_scale})")
         dlogits = a.logits
         ops.matmul_backward(a.dC, g.wte, None, dlogits, a.lnf, p.wte, acc=acc)
         dres = a.dresidual

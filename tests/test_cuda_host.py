@@ -210,6 +210,10 @@ def test_ops_match_cpu(cuda):
     cpu.crossentropy_backward(d_ref, s_ref, tg, 0.5)
     cuda.crossentropy_backward(d_got, s_got, tg, 0.5, V=V)
     assert rel_err(d_got[:, :V], d_ref) <= 1e-5 and not np.any(d_got[:, V:])
+    # both in one kernel (the graph step's classifier)
+    l2, s2, d2 = nan(N), nan(N), logits.copy()
+    cuda.crossentropy_forward_backward(l2, s2, d2, tg, 0.5, V=V)
+    assert np.array_equal(l2, l_got) and np.array_equal(s2, s_got) and np.array_equal(d2, d_got)
     assert abs(cuda.sum_of_squares(x) - cpu.sum_of_squares(x)) <= 1e-5 * cpu.sum_of_squares(x)
 
 

@@ -418,3 +418,23 @@ def test_clip_grad_norm_matches_torch(rng, ratio):
     else:
         for name in grads:
             np.testing.assert_array_equal(after[name], grads[name])
+
+
+def test_forward_with_loss_scale_starts_the_backward():
+    # forward(..., loss_scale=s) writes dlogits in the loss's pass; the
+    # gradients must be those of forward() + backward(s), and a backward with
+    # another scale is refused instead of silently using the wrong one.
+    from llmpy.config import GPTConfig
+    from llmpy.model import GPT
+    cfg = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16)
+    x = np.random.default_rng(3).integers(0, 100, (2, 16))
+    a, b = GPT(cfg, seed=1), GPT(cfg, seed=1)
+    _, la = a.forward(x, x)
+    a.backward(loss_scale=0.5)
+    _, lb = b.forward(x, x, loss_scale=0.5)
+    b.backward(loss_scale=0.5)
+    assert la == lb
+    np.testing.assert_array_equal(a.grads.flat, b.grads.flat)
+    b.forward(x, x, loss_scale=0.5)
+    with pytest.raises(LlmpyError, match="loss_scale"):
+        b.backward(loss_scale=1.0)

@@ -276,6 +276,13 @@ def crossentropy_forward(losses, lse, logits, targets, V=None):
     losses[:] = lse - logits[np.arange(N), targets]
 
 
+def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
+    # Both in one call (one pass over the logits on the GPU): for a training
+    # step that goes straight from the loss to the backward pass.
+    crossentropy_forward(losses, lse, logits, targets, V)
+    crossentropy_backward(logits, lse, targets, dloss, V)
+
+
 def crossentropy_backward(logits, lse, targets, dloss, V=None):
     # In place: logits (N, Vp) become dlogits = (softmax - onehot) * dloss, with
     # dloss the gradient of the final loss wrt each token's loss (a scalar:

@@ -618,6 +618,16 @@ def crossentropy_forward(losses, lse, logits, targets, V=None):
         (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), i32(N), i32(V), i32(Vp)))
 
 
+def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
+    # crossentropy_forward, then crossentropy_backward, in one kernel (one pass over the logits)
+    _f32(losses, lse)
+    bf = _floatx(logits)
+    N, Vp = logits.shape
+    V = Vp if V is None else V
+    _kernel("classifier.cu", "crossentropy_forward_backward", bf)(
+        (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), f32(dloss), i32(N), i32(V), i32(Vp)))
+
+
 def crossentropy_backward(logits, lse, targets, dloss, V=None):
     # logits (N, Vp) become (softmax - onehot) * dloss in the first V columns, 0 after, in place
     _f32(lse)

@@ -37,6 +37,37 @@ extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const
     }
 }
 
+// Both at once, for a training step that goes straight on to its backward
+// pass: the loss of row n, then the row overwritten with its gradient. The
+// second sweep re-reads the row the first one just read (from cache, mostly),
+// so the logits cross memory once each way instead of twice in and once out.
+extern "C" __global__ void crossentropy_forward_backward(float* losses, float* lse, floatX* logits,
+                                                         const long long* targets, float dloss, int N, int V,
+                                                         int stride) {
+    __shared__ float shared[WARP_SIZE];
+    int n = blockIdx.x;
+    floatX* row = logits + (long long)n * stride;
+    long long y = targets[n];
+    float m = NEG_INF, s = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = to_f(row[v]);
+        if (x > m) { s *= expf(m - x); m = x; }
+        s += expf(x - m);
+    }
+    float block_m = block_max(m, shared);
+    s = (m == NEG_INF) ? 0.0f : s * expf(m - block_m);
+    float l = block_m + logf(block_sum(s, shared));
+    if (threadIdx.x == 0) {
+        lse[n] = l;
+        losses[n] = l - to_f(row[y]);          // read before the sweep below overwrites it
+    }
+    __syncthreads();
+    for (int v = threadIdx.x; v < stride; v += blockDim.x) {
+        float p = v < V ? expf(to_f(row[v]) - l) : 0.0f;
+        row[v] = from_f(v < V ? (p - (v == y ? 1.0f : 0.0f)) * dloss : 0.0f);
+    }
+}
+
 // In place: logits[n, v] <- (exp(logits[n, v] - lse_n) - [v == y_n]) * dloss,
 // dloss the gradient of the final loss wrt every token's loss (1/N for a mean,
 // times the loss scale).
