@@ -12,15 +12,12 @@
 // forward skips them and the backward writes 0 there.
 #include "common.cuh"
 
+// logsumexp of a row of V logits, by the whole block; every thread gets it.
 // "Online" softmax: each thread keeps a running max m and sum s of exp(x - m)
 // over its strided values; when a larger value arrives the sum is rescaled by
 // exp(m_old - m_new). Threads then agree on the block max and rescale their
 // sums to it before the block sum. One read of the row instead of two.
-extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const floatX* logits,
-                                                const long long* targets, int N, int V, int stride) {
-    __shared__ float shared[WARP_SIZE];
-    int n = blockIdx.x;
-    const floatX* row = logits + (long long)n * stride;
+__device__ float row_logsumexp(const floatX* row, int V, float* shared) {
     float m = NEG_INF, s = 0.0f;
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float x = to_f(row[v]);
@@ -29,9 +26,16 @@ extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const
     }
     float block_m = block_max(m, shared);
     s = (m == NEG_INF) ? 0.0f : s * expf(m - block_m);   // a thread with no values has s = 0
-    float total = block_sum(s, shared);
+    return block_m + logf(block_sum(s, shared));
+}
+
+extern "C" __global__ void crossentropy_forward(float* losses, float* lse, const floatX* logits,
+                                                const long long* targets, int N, int V, int stride) {
+    __shared__ float shared[WARP_SIZE];
+    int n = blockIdx.x;
+    const floatX* row = logits + (long long)n * stride;
+    float l = row_logsumexp(row, V, shared);
     if (threadIdx.x == 0) {
-        float l = block_m + logf(total);
         lse[n] = l;
         losses[n] = l - to_f(row[targets[n]]);
     }
@@ -48,15 +52,7 @@ extern "C" __global__ void crossentropy_forward_backward(float* losses, float* l
     int n = blockIdx.x;
     floatX* row = logits + (long long)n * stride;
     long long y = targets[n];
-    float m = NEG_INF, s = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        float x = to_f(row[v]);
-        if (x > m) { s *= expf(m - x); m = x; }
-        s += expf(x - m);
-    }
-    float block_m = block_max(m, shared);
-    s = (m == NEG_INF) ? 0.0f : s * expf(m - block_m);
-    float l = block_m + logf(block_sum(s, shared));
+    float l = row_logsumexp(row, V, shared);
     if (threadIdx.x == 0) {
         lse[n] = l;
         losses[n] = l - to_f(row[y]);          // read before the sweep below overwrites it
