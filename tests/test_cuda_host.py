@@ -86,7 +86,8 @@ def _numpy_as_cupy():
     """A module that answers the CuPy calls cuda.py makes, with NumPy."""
     fake = types.ModuleType("cupy")
     fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+                                      runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     return fake
 
 
@@ -113,7 +114,8 @@ def _numpy_as_cupy():
     cudasim for RawModule)."""
     fake = types.ModuleType("cupy")
     fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+                                      runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     fake.RawModule = _CheckedModule
     fake.asnumpy = np.asarray
     return fake

@@ -113,3 +113,14 @@ def test_bench_json_reports_the_required_fields(tmp_path):
     for key in ("ms_per_step", "tokens_per_s", "sgemm_gflops", "floor_share", "torch_ms_per_step", "ratio"):
         assert res[key] > 0, key
     assert res["ratio"] == pytest.approx(res["ms_per_step"] / res["torch_ms_per_step"], rel=0.01)
+
+
+def test_device_cuda_without_a_gpu_is_one_clear_line(tmp_path, pydoc):
+    from conftest import gpu_unavailable_reason
+    if gpu_unavailable_reason() is None:
+        pytest.skip("this machine has a GPU")
+    r = llmpy("train", *pydoc, "--device", "cuda", "--model", "d2", "--steps", "1", "--out", "run", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmpy train: error: --device cuda"), r.stderr
+    assert "Traceback" not in r.stderr

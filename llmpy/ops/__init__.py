@@ -18,5 +18,12 @@ def get_backend(device: str):
         except ImportError as e:
             raise LlmpyError(f"--device cuda is unavailable: {e}; install the GPU extra "
                              "(pip install 'llmpy[cuda]') on a machine with an NVIDIA GPU") from None
+        try:
+            n = cuda.cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:      # no driver, a driver older than the CUDA runtime, ...
+            raise LlmpyError(f"--device cuda: no usable NVIDIA GPU ({type(e).__name__}: {e}); "
+                             "use --device cpu") from None
+        if n == 0:
+            raise LlmpyError("--device cuda: no NVIDIA GPU found; use --device cpu")
         return cuda
     raise LlmpyError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
