@@ -9,21 +9,22 @@ allocates with.
 Where the work is done:
 - kernels/*.cu, our own CUDA C (one file per layer family), compiled at run
   time by NVRTC through cupy.RawModule for the GPU in use, and cached: the
-  encoder, layernorm, gelu, residual, the fused softmax + cross-entropy
-  classifier, the attention softmax, AdamW and the sum of squares;
-- cuBLASLt for the 2-D matmuls (ops/cublaslt.py, through nvmath-python),
-  with the bias, and GELU or its derivative for the fc layer, fused into the
-  GEMM epilogue and a beta = 1 GEMM accumulating parameter gradients in
-  place; without nvmath-python, cuBLAS through cupy.cublas.gemm and separate
-  bias / GELU passes (the same results);
-- cupy.matmul (cuBLAS) for attention's batched matmuls.
+  encoder, layernorm (and the residual add fused with it), gelu, residual,
+  the softmax + cross-entropy classifier (forward, backward, or both in one
+  pass), the attention softmax and head permutes, the bias gradient, AdamW
+  (with clipping and the bf16 rounding) and the sum of squares;
+- cuBLASLt for the matmuls (ops/cublaslt.py, through nvmath-python), with
+  the bias, and GELU or its derivative for the fc layer, fused into the GEMM
+  epilogue, a beta = 1 GEMM accumulating parameter gradients in place, and
+  strided batched GEMMs for attention; without nvmath-python, cuBLAS through
+  CuPy (cupy.cublas.gemm, cupy.matmul) and separate bias / GELU passes;
+- cuDNN's flash attention for bf16 (ops/cudnn_attention.py), checked against
+  our own attention once per shape at first use (attention_saved).
 
-This first version favours being checkable against cpu.py over speed. Next
-steps, in order: the matmuls through cuBLASLt (nvmath.bindings.cublasLt), with
-the bias (and gelu) fused into the GEMM epilogue and fixed workspaces so a
-whole step can be captured in a CUDA graph (cupy.matmul and the temporaries
-below allocate, which graph capture forbids); attention without the (T, T)
-matrix (cuDNN flash attention).
+Nothing here allocates in the steady state on the cuBLASLt path (scratch
+buffers are kept and reused), and nothing waits for the GPU except the
+functions that return a Python number: what graph_step.py needs to capture
+a whole training step as a CUDA graph.
 
 Numerics. Two storage types, chosen per call by the arrays' dtype:
 - float32 ("fp32"): fp32 storage and arithmetic. cuBLAS runs true fp32 GEMMs
