@@ -35,9 +35,10 @@ Numerics. Two storage types, chosen per call by the arrays' dtype:
   are widened to float on load, all arithmetic and every sum is float, and
   each result is rounded once on store. Statistics (layernorm mean/rstd,
   logsumexp, losses, AdamW's m and v, the master weights) stay float32.
-Every reduction here has a fixed order (no atomics, the encoder's scatter-add
-included), so a run is meant to repeat bit for bit on the same GPU
-(tests/test_cuda_ops.py checks it).
+Every reduction in our kernels has a fixed order (no atomics, the encoder's
+scatter-add included), so an fp32 run repeats bit for bit on the same GPU
+(tests/test_cuda_ops.py checks it); cuDNN's attention backward (bf16) may
+sum in a different order from run to run.
 """
 from __future__ import annotations
 
