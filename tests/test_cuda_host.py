@@ -409,3 +409,16 @@ def test_device_step_skips_a_nonfinite_update(cuda):
     assert not math.isfinite(norm)
     np.testing.assert_array_equal(model.params.flat, before)        # no update reached the weights
     assert not np.any(opt.m) and not np.any(opt.v)                  # nor m and v
+
+
+def test_host_sort_orders_by_id_then_position(cuda):
+    # both branches (16-bit radix sort, 64-bit unique key) give the order the
+    # encoder backward's determinism rests on: by token id, ties by position
+    rng = np.random.default_rng(4)
+    for high in (50257, 1 << 20):
+        ids = rng.integers(0, high, (4, 64))
+        ids[0, :5] = ids[1, 7]                      # repeats
+        sorted_ids, order = cuda.host_sort(ids)
+        flat = ids.reshape(-1)
+        want = sorted(range(flat.size), key=lambda i: (flat[i], i))
+        assert order.tolist() == want and sorted_ids.tolist() == flat[want].tolist()

@@ -217,7 +217,12 @@ def host_sort(ids):
     of the sums does not depend on the sort. (The graph step does this on the
     CPU, where the batch comes from, instead of sorting on the GPU.)"""
     flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-    order = np.argsort(flat * flat.size + np.arange(flat.size, dtype=np.int64), kind="stable")
+    if flat.size and 0 <= flat.min() and flat.max() < 1 << 16:
+        # a stable sort of the ids alone keeps equal ids in position order (the
+        # same order as the unique key below); NumPy radix-sorts 16-bit keys
+        order = np.argsort(flat.astype(np.uint16), kind="stable")
+    else:
+        order = np.argsort(flat * flat.size + np.arange(flat.size, dtype=np.int64), kind="stable")
     return flat[order], order
 
 
