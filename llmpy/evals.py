@@ -119,7 +119,8 @@ def completion_losses(model, tokens, mask) -> tuple[np.ndarray, np.ndarray]:
     Only the masked rows of the logits are read (a few dozen of 4T)."""
     logits, _ = model.forward(tokens)                  # a view, valid until the next forward
     rows, cols = np.nonzero(mask)                      # positions of ending tokens (never 0)
-    z = logits[rows, cols - 1]                         # (n, V) rows that predict them
+    xp = model.xp                                      # index with the logits' own array kind (CuPy on GPU)
+    z = logits[xp.asarray(rows), xp.asarray(cols - 1)]  # (n, V) rows that predict them
     z = np.asarray(z if isinstance(z, np.ndarray) else z.get(), dtype=np.float64)
     m = z.max(axis=1)
     lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))

@@ -422,3 +422,19 @@ def test_host_sort_orders_by_id_then_position(cuda):
         flat = ids.reshape(-1)
         want = sorted(range(flat.size), key=lambda i: (flat[i], i))
         assert order.tolist() == want and sorted_ids.tolist() == flat[want].tolist()
+
+
+def test_hellaswag_scoring_on_the_cuda_backend(cuda):
+    # evals.completion_losses indexes the (CuPy, on a GPU) logits: the CUDA
+    # backend must score like the CPU one
+    from llmpy import evals
+    from llmpy.model import GPT
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 200, (4, 12))
+    mask = np.zeros((4, 12), bool)
+    mask[:, 5:9] = True
+    want = evals.completion_losses(GPT(cfg, device="cpu", seed=2), tokens, mask)
+    got = evals.completion_losses(GPT(cfg, device="cuda", seed=2), tokens, mask)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
