@@ -184,7 +184,7 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
         device_step = DeviceStep(model, opt, B, T, grad_clip=1.0, capture=graphs)
 
         def step():
-            device_step(x, y, 1e-4)                  # returns once the GPU is done (it reads the loss)
+            device_step((x, y), 1e-4)                # returns once the GPU is done (it reads the loss)
             peak[0] = max(peak[0], pool.total_bytes())
         times = _time_steps(step, 2, steps, None)
         extra["cuda_graph"] = device_step.graph is not None

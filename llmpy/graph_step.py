@@ -21,7 +21,8 @@ Recording ("capture") imposes rules, and this module is where they are met:
 
 Capture needs cuBLASLt (CuPy's cuBLAS calls cannot be captured); without it,
 or if capture fails, every step runs eagerly, the same work in the same
-order. Gradient accumulation and several ranks take the plain loop in train.py.
+order. Several ranks take the plain loop in train.py (the all-reduce sits
+between the backward and the update).
 """
 from __future__ import annotations
 
@@ -32,32 +33,96 @@ import numpy as np
 
 
 class DeviceStep:
-    """step(x, y, lr) -> (loss, grad_norm): zero_grad, forward, backward,
-    global norm, clipped AdamW update, on fixed device buffers."""
+    """step(batches, lr) -> (loss, grad_norm): one optimizer step over
+    `accum` micro-batches (zero_grad, forward + backward each, global norm,
+    clipped AdamW), on fixed device buffers, in three recorded pieces: the
+    first micro-step (gradients written), the others (gradients added), and
+    the update. Nothing waits for the GPU until the loss is read at the end,
+    so the host prepares micro-batch i + 1 (its sort, its upload) while the
+    GPU runs micro-step i."""
 
-    def __init__(self, model, optimizer, B: int, T: int, grad_clip: float, capture: bool = True):
+    def __init__(self, model, optimizer, B: int, T: int, grad_clip: float, accum: int = 1,
+                 capture: bool = True):
         ops, xp = model.ops, model.xp
         self.model, self.optimizer, self.ops = model, optimizer, ops
+        self.accum = int(accum)
         self.grad_clip = float(grad_clip) if grad_clip and grad_clip > 0 else 0.0
         self.ids = xp.zeros((B, T), dtype=np.int64)
         self.targets = xp.zeros((B, T), dtype=np.int64)
         self.sorted_ids = xp.zeros(B * T, dtype=np.int64)
         self.order = xp.zeros(B * T, dtype=np.int64)
-        self.sumsq = xp.zeros(1, dtype=np.float64)
-        cupy = getattr(ops, "cupy", None)       # the CUDA backend's array library
+        self.sumsq = xp.zeros(1, dtype=np.float64)          # the gradients' sum of squares
+        self.loss = xp.zeros(1, dtype=np.float64)           # the step's mean loss, summed on the device
+        cupy = getattr(ops, "cupy", None)                   # the CUDA backend's array library
         self.capture = (capture and getattr(ops, "_lt", None) is not None and cupy is not None
                         and hasattr(cupy.cuda, "Graph"))
-        self.graph = None
-        self.eager_steps = 0
         self.stream = cupy.cuda.Stream(non_blocking=True) if self.capture else None
+        self.graphs = {}           # "first" / "rest" / "update" -> captured graph
+        self.eager_runs = {}       # piece -> times run eagerly (capture comes after one)
 
-    def _body(self, capturing=False):
-        m = self.model
-        m.zero_grad()
-        m.forward(self.ids, self.targets, sync=False, loss_scale=1.0)   # the loss and dlogits in one pass
-        m.backward(sorted_order=(self.sorted_ids, self.order))
-        self.ops.sum_of_squares_into(m.grads.flat, self.sumsq)
+    @property
+    def graph(self):
+        """The update's graph once captured (None while steps run eagerly)."""
+        return self.graphs.get("update")
+
+    # ------------------------------------------------------------ the pieces
+
+    def _micro(self, first: bool, capturing: bool = False):
+        m, s = self.model, 1.0 / self.accum
+        if first:
+            m.zero_grad()
+        m.forward(self.ids, self.targets, sync=False, loss_scale=s)   # the loss and dlogits in one pass
+        # The activations the micro-steps write (a captured graph writes these
+        # same buffers on every replay). Holding them keeps their memory alive
+        # even if the model's cache of activations drops them.
+        self.acts = m.acts
+        m.backward(loss_scale=s, sorted_order=(self.sorted_ids, self.order))
+        losses = m.acts.losses
+        self.ops.accumulate_sum(self.loss, losses, s / losses.size, first)
+
+    def _update(self, capturing: bool = False):
+        self.ops.sum_of_squares_into(self.model.grads.flat, self.sumsq)
         self.optimizer.step(self._lr, sumsq=self.sumsq, max_norm=self.grad_clip, upload=not capturing)
+
+    def _run(self, name, piece):
+        """Run one piece: replay its graph, or capture it (after one eager
+        run: plans, scratch buffers and cuDNN graphs get made then) and run
+        that, or run it eagerly."""
+        is_update = name == "update"
+        graph = self.graphs.get(name)
+        if graph is None and self.capture and self.eager_runs.get(name, 0) >= 1:
+            graph = self._capture(name, piece)
+        if graph is None:
+            piece()
+            self.eager_runs[name] = self.eager_runs.get(name, 0) + 1
+            return
+        if is_update:
+            # AdamW's hyperparameters for this step go where the recorded kernel reads them
+            self.optimizer.prepare_replay(self._lr, self.grad_clip)
+        graph.launch(self.stream)
+
+    def _capture(self, name, piece):
+        s, steps_before = self.stream, self.optimizer.step_count
+        try:
+            s.begin_capture()
+            try:
+                piece(capturing=True)
+            finally:
+                graph = s.end_capture()
+            if hasattr(graph, "upload"):
+                graph.upload(s)
+        except Exception as e:
+            print(f"llmpy: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); "
+                  "running the step without graphs", file=sys.stderr)
+            graph = None
+            self.capture = False
+        # capturing records without running (and AdamW.step counted a step): undo
+        self.optimizer.step_count = steps_before
+        if graph is not None:
+            self.graphs[name] = graph
+        return graph
+
+    # ------------------------------------------------------------ a step
 
     def _upload(self, x, y):
         vocab = self.model.config.vocab_size
@@ -65,54 +130,26 @@ class DeviceStep:
             if a.shape != self.ids.shape or a.min() < 0 or a.max() >= vocab:
                 raise ValueError(f"{what} must be {self.ids.shape} token ids in [0, {vocab})")
         sorted_ids, order = self.ops.host_sort(x)
+        # in order on the stream: after the previous micro-step has read these buffers
         for dst, src in ((self.ids, x), (self.targets, y), (self.sorted_ids, sorted_ids), (self.order, order)):
             self.ops._upload(dst, src)
 
-    def __call__(self, x, y, lr):
-        """x, y: (B, T) host int arrays (inputs, next tokens); lr: this step's learning rate."""
+    def __call__(self, batches, lr):
+        """batches: `accum` (x, y) pairs of (B, T) host int arrays (inputs,
+        next tokens), or one pair when accum is 1; lr: this step's learning rate."""
         import contextlib
+        if self.accum == 1 and len(batches) == 2 and not isinstance(batches[0], tuple):
+            batches = [batches]
+        if len(batches) != self.accum:
+            raise ValueError(f"{len(batches)} micro-batches for a step of {self.accum}")
         self._lr = lr
         with (self.stream if self.stream is not None else contextlib.nullcontext()):
-            self._upload(np.asarray(x), np.asarray(y))
-            if self.graph is not None:
-                # AdamW's hyperparameters for this step go to its device buffer
-                # (what a replay reads); then the recorded step runs.
-                self.optimizer.prepare_replay(lr, self.grad_clip)
-                self.graph.launch(self.stream)
-            elif self.capture and self.eager_steps >= 1:
-                self._capture_and_run()
-            else:
-                self._body()
-                self.eager_steps += 1
-            # The activations this step wrote (a captured graph writes these same
-            # buffers on every replay). Holding them here keeps their memory
-            # alive even if the model's cache of activations drops them.
-            self.acts = self.model.acts if self.graph is None else self.acts
-            losses = self.acts.losses
-            loss = float(losses.mean())                # waits for the step
-            norm = math.sqrt(float(self.sumsq[0])) if float(self.sumsq[0]) >= 0 else float("nan")
+            for i, (x, y) in enumerate(batches):
+                self._upload(np.asarray(x), np.asarray(y))
+                first = i == 0
+                self._run("first" if first else "rest", lambda capturing=False, f=first: self._micro(f, capturing))
+            self._run("update", self._update)
+            loss = float(self.loss[0])                    # waits for the step
+            sumsq = float(self.sumsq[0])
+        norm = math.sqrt(sumsq) if sumsq >= 0 else float("nan")
         return loss, norm
-
-    def _capture_and_run(self):
-        s = self.stream
-        steps_before = self.optimizer.step_count
-        try:
-            s.begin_capture()
-            try:
-                self._body(capturing=True)
-            finally:
-                graph = s.end_capture()
-            graph.upload(s) if hasattr(graph, "upload") else None
-        except Exception as e:
-            # the optimizer's step count may have moved during the attempt: undo, run eagerly from now on
-            self.optimizer.step_count = steps_before
-            print(f"llmpy: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); "
-                  "running the step without a graph", file=sys.stderr)
-            self.capture = False
-            self._body()
-            return
-        # the capture recorded the step without running it: run it now
-        self.optimizer.step_count = steps_before
-        self.optimizer.prepare_replay(self._lr, self.grad_clip)
-        graph.launch(s)
-        self.graph = graph

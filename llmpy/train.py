@@ -200,10 +200,10 @@ def train(tc: TrainConfig) -> dict:
         bar = tqdm(total=last_stop, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
     loss = val_loss = float("nan")
     device_step = None
-    if tc.device == "cuda" and world == 1 and accum == 1 and tc.cuda_graphs:
-        # the whole step on the GPU without host syncs, captured as a CUDA graph (graph_step.py)
+    if tc.device == "cuda" and world == 1 and tc.cuda_graphs:
+        # the whole step on the GPU without host syncs, captured as CUDA graphs (graph_step.py)
         from .graph_step import DeviceStep
-        device_step = DeviceStep(model, optimizer, tc.batch_size, tc.seq_len, tc.grad_clip)
+        device_step = DeviceStep(model, optimizer, tc.batch_size, tc.seq_len, tc.grad_clip, accum=accum)
     try:
         for step in range(start + 1, last_stop + 1):      # step = optimizer steps done after this one
             t0 = time.perf_counter()
@@ -212,8 +212,7 @@ def train(tc: TrainConfig) -> dict:
             if device_step is not None:
                 # forward, backward, norm and the clipped AdamW update in one go
                 # on the GPU; a non-finite norm made the kernel skip the update
-                x, y = loader.next_batch()
-                loss, norm = device_step(x, y, lr)
+                loss, norm = device_step([loader.next_batch() for _ in range(accum)], lr)
                 _test_hooks(step, comm)
                 if not math.isfinite(norm):
                     optimizer.step_count -= 1     # as if optimizer.step had not run

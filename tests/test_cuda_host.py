@@ -56,8 +56,9 @@ SIGS = {name: [t.replace("const ", "").strip() for t in sig]
         for name, sig in cudasim.signatures(_all_kernels()).items()}
 POINTER_DTYPES = {"float*": np.float32, "double*": np.float64,
                   "long long*": np.int64, "int*": np.int32}
-SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32, "unsigned": np.uint32}
-WARP_KERNELS = {"layernorm_forward", "residual_layernorm_forward", "layernorm_backward_input", "attention_softmax_forward",
+SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32, "unsigned": np.uint32,
+                "double": np.float64}
+WARP_KERNELS = {"accumulate_sum", "layernorm_forward", "residual_layernorm_forward", "layernorm_backward_input", "attention_softmax_forward",
                 "attention_softmax_backward", "crossentropy_forward", "sum_of_squares_partial"}
 
 
@@ -384,7 +385,7 @@ def test_device_step_matches_the_plain_step(cuda, clip):
         plain.backward()
         norm_p = global_norm(plain)
         opt_p.step(lr, grad_scale=clip_scale(norm_p, clip))
-        loss_f, norm_f = step(x, y, lr)
+        loss_f, norm_f = step((x, y), lr)
         assert abs(loss_f - loss_p) <= 1e-6 * loss_p and abs(norm_f - norm_p) <= 1e-6 * norm_p
     assert opt_f.step_count == opt_p.step_count == 3
     # Without clipping the same arithmetic in the same order: the same bits.
@@ -393,6 +394,34 @@ def test_device_step_matches_the_plain_step(cuda, clip):
     tol = 0.0 if clip == 0 else 1e-5
     for a, b in ((fast.params.flat, plain.params.flat), (opt_f.m, opt_p.m), (opt_f.v, opt_p.v)):
         assert rel_err(a, b) <= tol
+
+
+def test_device_step_accumulates_like_the_plain_loop(cuda):
+    # three micro-batches per step: the device-side loss sum and gradient
+    # accumulation against train.py's plain loop (forward, backward(1/3) x 3)
+    from llmpy.graph_step import DeviceStep
+    from llmpy.model import GPT
+    from llmpy.optim import AdamW, clip_scale, global_norm
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
+    rng = np.random.default_rng(10)
+    steps = [[(rng.integers(0, 200, (2, 16)), rng.integers(0, 200, (2, 16))) for _ in range(3)] for _ in range(2)]
+    plain, fast = GPT(cfg, device="cuda", seed=3), GPT(cfg, device="cuda", seed=3)
+    opt_p, opt_f = AdamW(plain), AdamW(fast)
+    step = DeviceStep(fast, opt_f, 2, 16, grad_clip=0.0, accum=3)
+    for batches in steps:
+        plain.zero_grad()
+        loss_p = 0.0
+        for x, y in batches:
+            _, micro = plain.forward(x, y)
+            plain.backward(loss_scale=1 / 3)
+            loss_p += micro / 3
+        norm_p = global_norm(plain)
+        opt_p.step(1e-2, grad_scale=clip_scale(norm_p, 0.0))
+        loss_f, norm_f = step(batches, 1e-2)
+        assert abs(loss_f - loss_p) <= 1e-6 * loss_p and abs(norm_f - norm_p) <= 1e-6 * norm_p
+    assert rel_err(fast.params.flat, plain.params.flat) <= 1e-6
+    with pytest.raises(ValueError, match="micro-batches"):
+        step(steps[0][:2], 1e-2)
 
 
 def test_device_step_skips_a_nonfinite_update(cuda):
@@ -405,7 +434,7 @@ def test_device_step_skips_a_nonfinite_update(cuda):
     model.params.lnfw[0] = np.inf                     # the forward pass turns it into NaNs
     before = model.params.flat.copy()
     x = np.random.default_rng(0).integers(0, 200, (2, 8))
-    loss, norm = DeviceStep(model, opt, 2, 8, grad_clip=1.0)(x, x, 1e-3)
+    loss, norm = DeviceStep(model, opt, 2, 8, grad_clip=1.0)((x, x), 1e-3)
     assert not math.isfinite(norm)
     np.testing.assert_array_equal(model.params.flat, before)        # no update reached the weights
     assert not np.any(opt.m) and not np.any(opt.v)                  # nor m and v

@@ -465,8 +465,8 @@ def test_attention_cudnn_bf16(cuda, cp, B, T, NH, hs):
 
 # ---------------------------------------------------------------------------- CUDA graph step
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_graph_step_replays_the_eager_step(cp, dtype):
+@pytest.mark.parametrize("dtype,accum", [("fp32", 1), ("bf16", 1), ("fp32", 3)])
+def test_graph_step_replays_the_eager_step(cp, dtype, accum):
     # DeviceStep captured as a CUDA graph after one eager step, against the
     # same steps run eagerly (capture=False): the same kernels in the same
     # order on the same data, so the same losses, norms and weights.
@@ -478,14 +478,17 @@ def test_graph_step_replays_the_eager_step(cp, dtype):
     from llmpy.optim import AdamW
     cfg = GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=4, n_embd=64)
     rng = np.random.default_rng(31)
-    batches = [(rng.integers(0, 1000, (4, 64)), rng.integers(0, 1000, (4, 64))) for _ in range(5)]
+    batches = [[(rng.integers(0, 1000, (4, 64)), rng.integers(0, 1000, (4, 64))) for _ in range(accum)]
+               for _ in range(5)]
     results = []
     for capture in (False, True):
         model = GPT(cfg, device="cuda", seed=5, dtype=dtype)
-        step = DeviceStep(model, AdamW(model, weight_decay=0.1), 4, 64, grad_clip=1.0, capture=capture)
-        out = [step(x, y, 1e-3 * (i + 1)) for i, (x, y) in enumerate(batches)]
+        step = DeviceStep(model, AdamW(model, weight_decay=0.1), 4, 64, grad_clip=1.0, accum=accum,
+                          capture=capture)
+        out = [step(b, 1e-3 * (i + 1)) for i, b in enumerate(batches)]
         if capture:
-            assert step.graph is not None, "capture failed (see the message above)"
+            want = {"first", "update"} | ({"rest"} if accum > 1 else set())
+            assert set(step.graphs) == want, "capture failed (see the message above)"
         results.append((out, model.params.flat.get()))
     (eager, w_eager), (graph, w_graph) = results
     if dtype == "fp32":

@@ -666,6 +666,14 @@ def sum_of_squares_into(x, out):
     _kernel("norm.cu", "sum_of_squares_final", bf)((1,), (32,), (out, partial, i32(nblocks)))
 
 
+def accumulate_sum(acc, x, scale, first):
+    """acc[0] (float64, device) = (0 if first else acc[0]) + scale * sum(x), x float32;
+    nothing waits for it (see kernels/norm.cu)."""
+    _f32(x)
+    _kernel("norm.cu", "accumulate_sum")((1,), (1024,), (acc, x, i64(x.size), np.float64(scale),
+                                                          i32(1 if first else 0)))
+
+
 def sum_of_squares(x):
     """sum(x^2) over the whole array, as a Python float (this synchronizes)."""
     out = _scratch(1, np.float64, slot="norm_out")

@@ -23,3 +23,15 @@ extern "C" __global__ void sum_of_squares_final(double* out, const float* partia
     for (int b = 0; b < nblocks; b++) s += partial[b];
     *out = s;
 }
+
+// The training loss of a step without waiting for it on the host: acc[0] =
+// (first ? 0 : acc[0]) + scale * sum(x), one block, a fixed order of
+// additions (the graph step adds each micro-step's mean loss this way, scale
+// = 1 / (N * accumulation steps), and reads acc once per step).
+extern "C" __global__ void accumulate_sum(double* acc, const float* x, long long n, double scale, int first) {
+    __shared__ float shared[WARP_SIZE];
+    float s = 0.0f;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+    s = block_sum(s, shared);
+    if (threadIdx.x == 0) acc[0] = (first ? 0.0 : acc[0]) + scale * (double)s;
+}
