@@ -73,16 +73,37 @@ def _sdpa(g, q, k, v, scale):
                       use_causal_mask=True)
 
 
+def describe_forward(g, B, NH, T, hs):
+    """Add the forward attention to graph g; returns its tensors (q, k, v, o, stats)."""
+    q, k, v = _qkv_tensors(g, B, NH, T, hs)
+    o, stats = _sdpa(g, q, k, v, 1.0 / math.sqrt(hs))
+    dim, stride = _bthd(B, NH, T, hs)
+    o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(_BF16)
+    stats.set_output(True).set_dim([B, NH, T, 1]).set_stride([NH * T, T, 1, 1]).set_data_type(_F32)
+    return q, k, v, o, stats
+
+
+def describe_backward(g, B, NH, T, hs):
+    """Add the backward attention to graph g; returns (q, k, v, o, dO, stats, dq, dk, dv)."""
+    q, k, v = _qkv_tensors(g, B, NH, T, hs)
+    dim, stride = _bthd(B, NH, T, hs)
+    o = g.tensor(name="o", dim=dim, stride=stride, data_type=_BF16)
+    do = g.tensor(name="dO", dim=dim, stride=stride, data_type=_BF16)
+    stats = g.tensor(name="stats", dim=[B, NH, T, 1], stride=[NH * T, T, 1, 1], data_type=_F32)
+    dq, dk, dv = g.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=o, dO=do, stats=stats,
+                                 attn_scale=1.0 / math.sqrt(hs), use_causal_mask=True)
+    for t in (dq, dk, dv):   # written straight into dqkv, interleaved like q, k, v in qkv
+        t.set_output(True).set_dim([B, NH, T, hs]).set_stride([T * 3 * NH * hs, hs, 3 * NH * hs, 1])
+        t.set_data_type(_BF16)
+    return q, k, v, o, do, stats, dq, dk, dv
+
+
 def _forward_graph(B, NH, T, hs):
     key = ("fwd", B, NH, T, hs)
     if key not in _State.graphs:
         g = _graph()
-        q, k, v = _qkv_tensors(g, B, NH, T, hs)
-        o, stats = _sdpa(g, q, k, v, 1.0 / math.sqrt(hs))
-        dim, stride = _bthd(B, NH, T, hs)
-        o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(_BF16)
-        stats.set_output(True).set_dim([B, NH, T, 1]).set_stride([NH * T, T, 1, 1]).set_data_type(_F32)
-        _State.graphs[key] = (_build(g), (q, k, v, o, stats))
+        tensors = describe_forward(g, B, NH, T, hs)
+        _State.graphs[key] = (_build(g), tensors)
     return _State.graphs[key]
 
 
@@ -90,17 +111,8 @@ def _backward_graph(B, NH, T, hs):
     key = ("bwd", B, NH, T, hs)
     if key not in _State.graphs:
         g = _graph()
-        q, k, v = _qkv_tensors(g, B, NH, T, hs)
-        dim, stride = _bthd(B, NH, T, hs)
-        o = g.tensor(name="o", dim=dim, stride=stride, data_type=_BF16)
-        do = g.tensor(name="dO", dim=dim, stride=stride, data_type=_BF16)
-        stats = g.tensor(name="stats", dim=[B, NH, T, 1], stride=[NH * T, T, 1, 1], data_type=_F32)
-        dq, dk, dv = g.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=o, dO=do, stats=stats,
-                                     attn_scale=1.0 / math.sqrt(hs), use_causal_mask=True)
-        for t in (dq, dk, dv):   # written straight into dqkv, interleaved like q, k, v in qkv
-            t.set_output(True).set_dim([B, NH, T, hs]).set_stride([T * 3 * NH * hs, hs, 3 * NH * hs, 1])
-            t.set_data_type(_BF16)
-        _State.graphs[key] = (_build(g), (q, k, v, o, do, stats, dq, dk, dv))
+        tensors = describe_backward(g, B, NH, T, hs)
+        _State.graphs[key] = (_build(g), tensors)
     return _State.graphs[key]
 
 
