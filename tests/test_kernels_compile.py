@@ -50,14 +50,32 @@ def _nvrtc():
     return nvrtc
 
 
+def _cuda_include():
+    """The CUDA toolkit's include folder (cuda_bf16.h, which the bf16 build
+    includes; CuPy passes it to NVRTC the same way at run time), or None."""
+    import os
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_PATH", "CUDA_HOME") if v in os.environ]
+    if NVCC:
+        candidates.append(Path(NVCC).resolve().parent.parent / "include")
+    candidates += sorted(Path("/usr/local").glob("cuda*/include"))
+    return next((inc for inc in candidates if (inc / "cuda_bf16.h").exists()), None)
+
+
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
-def test_nvrtc_compiles(cu):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_nvrtc_compiles(cu, bf16):
     nvrtc = _nvrtc()
     from llmpy.ops import cuda   # imports CuPy, which works without a GPU
+    options = ["-std=c++17", "-arch=sm_90"]
+    if bf16:
+        inc = _cuda_include()
+        if inc is None:
+            pytest.skip("the bf16 build needs the CUDA headers (cuda_bf16.h); no CUDA toolkit here")
+        options += ["-DLLMPY_BF16", f"-I{inc}"]
     prog = nvrtc.createProgram(cuda._source(cu.name), cu.name, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, ["-std=c++17", "-arch=sm_90"])
+            nvrtc.compileProgram(prog, options)
         except Exception as e:
             pytest.fail(f"NVRTC: {e}\n{nvrtc.getProgramLog(prog)}")
         assert len(nvrtc.getCUBIN(prog)) > 0
