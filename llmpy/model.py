@@ -346,7 +346,7 @@ class GPT:
         dlogits = a.logits
         ops.matmul_backward(a.dC, g.wte, None, dlogits, a.lnf, p.wte, acc=acc)
         dres = a.dresidual
-        dres[...] = 0
+        ops.zero(dres)
         x_last = a.residual3[cfg.n_layer - 1] if cfg.n_layer else a.encoded
         ops.layernorm_backward(dres, g.lnfw, g.lnfb, a.dC, x_last, p.lnfw, a.lnf_mean, a.lnf_rstd,
                                a.ln_scratch, acc=acc)
@@ -370,7 +370,7 @@ class GPT:
         # dwte already holds the LM head's gradient (tied weights): the encoder
         # adds its part to it, so wpe's gradient is cleared here instead.
         if not acc:
-            g.wpe[...] = 0
+            ops.zero(g.wpe)
         ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=True, sorted_order=sorted_order)
         self._grads_fresh = False
         self._have_forward = False   # the logits are now dlogits
@@ -411,8 +411,7 @@ class GPT:
         f32, act = np.float32, self.storage
 
         x = xp.empty((B, t, C), dtype=act)
-        xp.take(p.wte, ids, axis=0, out=x)
-        x += p.wpe[pos:pos + t]                          # absolute positions of the new tokens
+        ops.encoder_forward(x, ids, p.wte, p.wpe[pos:pos + t])   # absolute positions of the new tokens
         x = x.reshape(N, C)
         ln = xp.empty((N, C), dtype=act)
         mean, rstd = xp.empty(N, dtype=f32), xp.empty(N, dtype=f32)
@@ -431,12 +430,12 @@ class GPT:
             ops.attention_forward_cached(y, q, cache.k[l, :, :, :pos + t], cache.v[l, :, :, :pos + t], pos)
             atty = xp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(N, C)
             ops.matmul_forward(branch, atty, p.attprojw[l], p.attprojb[l])
-            x = x + branch                               # residual (a new array: x may be a view)
+            ops.residual_forward(x, x, branch)           # residual, in place
             ops.layernorm_forward(ln, mean, rstd, x, p.ln2w[l], p.ln2b[l])
             ops.matmul_forward(h, ln, p.fcw[l], p.fcb[l])
             ops.gelu_forward(hg, h)
             ops.matmul_forward(branch, hg, p.fcprojw[l], p.fcprojb[l])
-            x += branch                                  # residual
+            ops.residual_forward(x, x, branch)           # residual
         cache.pos = pos + t
 
         # Only the rows we return go through the final layernorm and the LM head

@@ -467,3 +467,15 @@ def test_hellaswag_scoring_on_the_cuda_backend(cuda):
     got = evals.completion_losses(GPT(cfg, device="cuda", seed=2), tokens, mask)
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-5
+
+
+@needs_bf16
+def test_cast_and_zero(cuda):
+    # the bf16 weights from the fp32 master: round to nearest even, as ml_dtypes does
+    x = np.random.default_rng(8).standard_normal(3000).astype(np.float32)
+    x[:3] = [1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -0.0]
+    out = np.zeros(3000, BF16)
+    cuda.cast(out, x)
+    np.testing.assert_array_equal(out.view(np.uint16), x.astype(BF16).view(np.uint16))
+    cuda.zero(out)
+    assert not np.any(out.astype(np.float32))

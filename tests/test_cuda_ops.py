@@ -498,3 +498,14 @@ def test_graph_step_replays_the_eager_step(cp, dtype, accum):
         for (le, ne), (lg, ng) in zip(eager, graph):
             assert abs(le - lg) <= 1e-2 * le and abs(ne - ng) <= 5e-2 * ne
         assert rel_err(w_graph, w_eager) <= 1e-3
+
+
+def test_cast_and_zero_bf16(cuda, cp):
+    import ml_dtypes
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = np.random.default_rng(8).standard_normal(3 * 2**20 + 5).astype(np.float32)
+    out = cp.zeros(x.size, dtype=bf16)
+    cuda.cast(out, cp.asarray(x))
+    np.testing.assert_array_equal(out.get().view(np.uint16), x.astype(bf16).view(np.uint16))
+    cuda.zero(out[5:])
+    assert not cp.any(out[5:].view(cp.uint16)) and cp.all(out[:5].view(cp.uint16) == cp.asarray(x[:5].astype(bf16).view(np.uint16)))

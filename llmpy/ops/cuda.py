@@ -115,8 +115,23 @@ def storage_dtype(dtype: str):
 
 
 def cast(dst, src):
-    """dst[...] = src, rounding to dst's dtype (to nearest even for bf16)."""
-    dst[...] = src
+    """dst = src (float32) rounded to dst's storage type, to nearest even
+    (our kernel: the training path does not rely on CuPy's bf16 support)."""
+    _f32(src)
+    bf = _floatx(dst)
+    _kernel("adamw.cu", "cast_to_storage", bf)((_blocks(src.size),), (_BLOCK,), (dst, src, i64(src.size)))
+
+
+def zero(x):
+    """x[...] = 0 for a contiguous array of any dtype, as a memset on the
+    current stream (capturable; no dtype support needed from CuPy)."""
+    if not x.flags.c_contiguous:
+        raise ValueError(f"zero() needs a contiguous array, got strides {x.strides}")
+    if x.nbytes:
+        if type(x).__module__.startswith("cupy"):
+            x.data.memset_async(0, x.nbytes)
+        else:                      # NumPy standing in for CuPy (tests)
+            x[...] = 0
 
 
 def synchronize():
@@ -234,8 +249,8 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
     B, T, C = dout.shape
     N = B * T
     if not acc:
-        dwte.fill(0)
-        dwpe[T:] = 0
+        zero(dwte)
+        zero(dwpe[T:])
     _kernel("encoder.cu", "encoder_backward_wpe", bf)(
         (_blocks(T * C),), (_BLOCK,), (dwpe, dout, i32(B), i32(T), i32(C), i32(1 if acc else 0)))
     if sorted_order is not None:

@@ -61,3 +61,11 @@ extern "C" __global__ void adamw_update(float* param, floatX* param_copy, const 
     param[i] = p;
     param_copy[i] = from_f_stochastic(p, hash_u32(seed, i));
 }
+
+// The bf16 weights from the float32 master weights, rounded to nearest (after
+// loading a checkpoint or receiving weights from another rank; during
+// training the update above keeps them in step). In the fp32 build a copy.
+extern "C" __global__ void cast_to_storage(floatX* out, const float* in, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = from_f(in[i]);
+}
