@@ -122,16 +122,22 @@ def cast(dst, src):
     _kernel("adamw.cu", "cast_to_storage", bf)((_blocks(src.size),), (_BLOCK,), (dst, src, i64(src.size)))
 
 
+def _on_gpu(x) -> bool:
+    """A CuPy array (False for the NumPy arrays the CPU tests stand in with)."""
+    return type(x).__module__.startswith("cupy")
+
+
 def zero(x):
     """x[...] = 0 for a contiguous array of any dtype, as a memset on the
     current stream (capturable; no dtype support needed from CuPy)."""
     if not x.flags.c_contiguous:
         raise ValueError(f"zero() needs a contiguous array, got strides {x.strides}")
-    if x.nbytes:
-        if type(x).__module__.startswith("cupy"):
-            x.data.memset_async(0, x.nbytes)
-        else:                      # NumPy standing in for CuPy (tests)
-            x[...] = 0
+    if not x.nbytes:
+        return
+    if _on_gpu(x):
+        x.data.memset_async(0, x.nbytes)
+    else:
+        x[...] = 0
 
 
 def synchronize():
@@ -210,7 +216,7 @@ def _ids64(ids):
     return cupy.ascontiguousarray(cupy.asarray(ids).reshape(-1), dtype=cupy.int64)
 
 
-i32, i64, f32, u32 = np.int32, np.int64, np.float32, np.uint32   # kernel scalar argument types
+i32, i64, f32 = np.int32, np.int64, np.float32   # kernel scalar argument types
 
 
 # ----------------------------------------------------------------------------
@@ -309,9 +315,9 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
 
 # ----------------------------------------------------------------------------
 # matmul: out = inp @ W^T + b, W stored (OC, C)
-# cuBLAS through cupy.cublas.gemm (out = alpha op(a) op(b) + beta out, any
-# C- or F-contiguous out): beta = 1 is gradient accumulation without a
-# temporary. Next step: cuBLASLt with the bias in the epilogue.
+# cuBLASLt (ops/cublaslt.py) when nvmath-python is there; else _gemm, cuBLAS
+# through CuPy (out = alpha op(a) op(b) + beta out: beta = 1 is gradient
+# accumulation without a temporary).
 
 def _gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
     """out = alpha op(a) op(b) + beta out, op = transpose for "T"."""
@@ -630,12 +636,17 @@ def residual_forward(out, a, b):
 _CE_BLOCK = 1024            # one block per row of 50257 logits: ~50 values per thread
 
 
+def _logits_shape(logits, V):
+    """(bf16?, N, V, Vp) of (N, Vp) logits whose first V (default: all) columns are real."""
+    bf = _floatx(logits)
+    N, Vp = logits.shape
+    return bf, N, Vp if V is None else V, Vp
+
+
 def crossentropy_forward(losses, lse, logits, targets, V=None):
     # losses, lse (N,); logits (N, Vp) of which the first V columns are real; targets (N,) int
     _f32(losses, lse)
-    bf = _floatx(logits)
-    N, Vp = logits.shape
-    V = Vp if V is None else V
+    bf, N, V, Vp = _logits_shape(logits, V)
     _kernel("classifier.cu", "crossentropy_forward", bf)(
         (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), i32(N), i32(V), i32(Vp)))
 
@@ -643,9 +654,7 @@ def crossentropy_forward(losses, lse, logits, targets, V=None):
 def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
     # crossentropy_forward, then crossentropy_backward, in one kernel (one pass over the logits)
     _f32(losses, lse)
-    bf = _floatx(logits)
-    N, Vp = logits.shape
-    V = Vp if V is None else V
+    bf, N, V, Vp = _logits_shape(logits, V)
     _kernel("classifier.cu", "crossentropy_forward_backward", bf)(
         (N,), (_CE_BLOCK,), (losses, lse, logits, _ids64(targets), f32(dloss), i32(N), i32(V), i32(Vp)))
 
@@ -653,9 +662,7 @@ def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
 def crossentropy_backward(logits, lse, targets, dloss, V=None):
     # logits (N, Vp) become (softmax - onehot) * dloss in the first V columns, 0 after, in place
     _f32(lse)
-    bf = _floatx(logits)
-    N, Vp = logits.shape
-    V = Vp if V is None else V
+    bf, N, V, Vp = _logits_shape(logits, V)
     _kernel("classifier.cu", "crossentropy_backward", bf)(
         (N,), (_CE_BLOCK,), (logits, lse, _ids64(targets), f32(dloss), i32(N), i32(V), i32(Vp)))
 
@@ -665,9 +672,9 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
 
 def _upload(dst, host):
     """Copy a small host array into a device buffer, in order on the current stream."""
-    if hasattr(dst, "set"):
+    if _on_gpu(dst):
         dst.set(np.ascontiguousarray(host, dtype=dst.dtype), stream=cupy.cuda.get_current_stream())
-    else:                      # NumPy standing in for CuPy (tests)
+    else:
         dst[...] = host
 
 

@@ -98,20 +98,13 @@ def describe_backward(g, B, NH, T, hs):
     return q, k, v, o, do, stats, dq, dk, dv
 
 
-def _forward_graph(B, NH, T, hs):
-    key = ("fwd", B, NH, T, hs)
+def _built(describe, B, NH, T, hs):
+    """(built graph, its tensors) for describe_forward or describe_backward at
+    this shape, made once and cached."""
+    key = (describe.__name__, B, NH, T, hs)
     if key not in _State.graphs:
         g = _graph()
-        tensors = describe_forward(g, B, NH, T, hs)
-        _State.graphs[key] = (_build(g), tensors)
-    return _State.graphs[key]
-
-
-def _backward_graph(B, NH, T, hs):
-    key = ("bwd", B, NH, T, hs)
-    if key not in _State.graphs:
-        g = _graph()
-        tensors = describe_backward(g, B, NH, T, hs)
+        tensors = describe(g, B, NH, T, hs)
         _State.graphs[key] = (_build(g), tensors)
     return _State.graphs[key]
 
@@ -131,14 +124,14 @@ def _run(graph, pack, stream):
 
 def forward(out_ptr, stats_ptr, qkv_ptr, B, NH, T, hs, stream):
     """out (B, T, C) bf16 and stats (B, NH, T) float32 from qkv (B, T, 3C) bf16 (device pointers)."""
-    graph, (q, k, v, o, stats) = _forward_graph(B, NH, T, hs)
+    graph, (q, k, v, o, stats) = _built(describe_forward, B, NH, T, hs)
     step = NH * hs * 2                                  # bytes from q to k (and k to v) in a qkv row
     _run(graph, {q: qkv_ptr, k: qkv_ptr + step, v: qkv_ptr + 2 * step, o: out_ptr, stats: stats_ptr}, stream)
 
 
 def backward(dqkv_ptr, dout_ptr, qkv_ptr, out_ptr, stats_ptr, B, NH, T, hs, stream):
     """dqkv (B, T, 3C) bf16, overwritten, from the forward's inputs and outputs and dout (B, T, C)."""
-    graph, (q, k, v, o, do, stats, dq, dk, dv) = _backward_graph(B, NH, T, hs)
+    graph, (q, k, v, o, do, stats, dq, dk, dv) = _built(describe_backward, B, NH, T, hs)
     step = NH * hs * 2
     _run(graph, {q: qkv_ptr, k: qkv_ptr + step, v: qkv_ptr + 2 * step, o: out_ptr, do: dout_ptr,
                  stats: stats_ptr, dq: dqkv_ptr, dk: dqkv_ptr + step, dv: dqkv_ptr + 2 * step}, stream)
