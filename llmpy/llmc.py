@@ -151,7 +151,8 @@ def _per_model_without_wte(cfg: GPTConfig) -> int:
 def read_model(path) -> tuple[GPTConfig, np.ndarray]:
     """(config, flat float32 parameters in llmpy's layout) of an llm.c model file.
     bf16 files are upcast to float32 exactly."""
-    from .model import FlatTensors, parameter_shapes
+    from .model import parameter_shapes
+    from .tensors import FlatTensors
     path = Path(path)
     cfg, version, Vp = read_model_header(path)
     n = Vp * cfg.n_embd + _per_model_without_wte(cfg)

@@ -25,6 +25,7 @@ import numpy as np
 from .config import GPTConfig
 from .errors import LlmpyError
 from .ops import get_backend
+from .tensors import FlatTensors
 
 
 def parameter_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -45,35 +46,6 @@ def parameter_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 # 2-D weight matrices get weight decay; biases and layernorm parameters do not.
 DECAYED = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}
-
-
-class FlatTensors:
-    """One flat buffer and a named view into it per tensor: `t.flat`, `t.wte`, ..."""
-
-    def __init__(self, shapes, xp, flat=None, dtype=np.float32):
-        self.shapes = dict(shapes)
-        self.offsets = {}
-        n = 0
-        for name, shape in shapes:
-            self.offsets[name] = n
-            n += int(np.prod(shape))
-        self.flat = xp.zeros(n, dtype=dtype) if flat is None else flat
-        self.views = {}
-        for name, shape in shapes:
-            o = self.offsets[name]
-            self.views[name] = self.flat[o:o + int(np.prod(shape))].reshape(shape)
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["views"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def segments(self):
-        """(name, start, stop) of every tensor in the flat buffer."""
-        for name, shape in self.shapes.items():
-            o = self.offsets[name]
-            yield name, o, o + int(np.prod(shape))
 
 
 class Activations:

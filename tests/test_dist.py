@@ -40,7 +40,8 @@ def test_sharded_adamw_equals_the_whole(monkeypatch):
     """Three AdamW slices (cut inside weight matrices, so decay segments are
     split) update exactly what one AdamW over the whole buffer does."""
     model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16), seed=0)
-    from llmpy.model import FlatTensors, parameter_shapes
+    from llmpy.model import parameter_shapes
+    from llmpy.tensors import FlatTensors
     model.grads = FlatTensors(parameter_shapes(model.config), np)
     rng = np.random.default_rng(0)
     p0 = model.params.flat.copy()

@@ -140,6 +140,11 @@ def zero(x):
         x[...] = 0
 
 
+def to_host(x) -> np.ndarray:
+    """x copied to a NumPy array (the NumPy arrays the CPU tests stand in with pass through)."""
+    return x.get() if _on_gpu(x) else np.asarray(x)
+
+
 def synchronize():
     """Wait for every kernel queued so far (kernels run asynchronously: time a
     step only after this)."""
