@@ -5,6 +5,7 @@
     logits, loss = model.forward(ids, targets)
     model.backward()
 """
+from . import families
 from .config import GPTConfig, preset
 from .errors import LlmpyError
 from .model import GPT
@@ -17,8 +18,7 @@ def load(path, device: str = "cpu") -> GPT:
     """Load a GPT-2 model: a Hugging Face directory (config.json + model.safetensors,
     or pytorch_model.bin with torch installed), an llm.c .bin model file, or a
     Hugging Face hub name such as "gpt2" (downloaded when online)."""
-    from .checkpoint import load as _load
-    return _load(path, device=device)
+    return families.load(path, device=device)
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
 """`llmpy bench`: time one full training step (forward, backward, AdamW).
 
-Protocol (DESIGN.md section 7): build the model, warm up for 2 steps, time at
+Protocol (bench/RESULTS.md says how results are recorded): build the model, warm up for 2 steps, time at
 least 5 more and take the median. With `--compare torch`, time a PyTorch
 reference model of the same shapes in the same run (llmpy.bench_torch; eager
 on the CPU, torch.compile on CUDA unless --no-compile). PyTorch is imported
@@ -24,7 +24,6 @@ between results with the same peak_how.
 from __future__ import annotations
 
 import gc
-import inspect
 import statistics
 import time
 
@@ -151,17 +150,17 @@ def _out_of_memory(e, who, B, T):
 
 
 def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=False):
-    """(seconds per step, peak pool MiB or None, extra facts). On cuda the step
-    is train.py's: graph_step.DeviceStep, replayed as a CUDA graph unless
-    graphs=False. profile=True then times a few more steps op by op
-    (profile.OpTimer) and returns the table in extra["profile"]."""
+    """(seconds per step, peak pool MiB or None, extra facts). The step is
+    train.py's (step.py): HostStep on the CPU; on cuda DeviceStep, replayed
+    as a CUDA graph unless graphs=False. profile=True then times a few more
+    HostSteps op by op (profile.OpTimer) and returns the table in
+    extra["profile"]."""
+    from .dist import SingleProcess
     from .model import GPT
-    from .optim import AdamW, clip_scale, global_norm
-    if dtype == "fp32":
-        model = GPT(cfg, device=device, seed=0)
-    else:
-        model = GPT(cfg, device=device, seed=0, dtype=dtype)
-    opt = AdamW(model, lr=1e-4, weight_decay=0.1)
+    from .optim import AdamW
+    from .step import DeviceStep, HostStep
+    model = GPT(cfg, device=device, seed=0, dtype=dtype)
+    opt = AdamW(model, weight_decay=0.1)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (B, T + 1))
     x, y = ids[:, :-1], ids[:, 1:]
@@ -170,23 +169,20 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
     pool = model.xp.get_default_memory_pool() if device == "cuda" else None
     peak = [0]
     extra = {}
+    t = [0]                                      # AdamW's update number
 
-    def plain_step():
-        model.zero_grad()
-        model.forward(x, y)
-        model.backward()
-        opt.step(grad_scale=clip_scale(global_norm(model), 1.0))
-        if pool is not None:
-            peak[0] = max(peak[0], pool.total_bytes())
-
-    if device == "cuda":
-        from .graph_step import DeviceStep
-        device_step = DeviceStep(model, opt, B, T, grad_clip=1.0, capture=graphs)
-
+    def timed(train_step):
         def step():
-            device_step((x, y), 1e-4)                # returns once the GPU is done (it reads the loss)
-            peak[0] = max(peak[0], pool.total_bytes())
-        times = _time_steps(step, 2, steps, None)
+            t[0] += 1
+            train_step((x, y), 1e-4, t[0])       # returns once the step is done (it reads the loss)
+            if pool is not None:
+                peak[0] = max(peak[0], pool.total_bytes())
+        return step
+
+    host_step = HostStep(model, opt, SingleProcess(), grad_clip=1.0)
+    if device == "cuda":
+        device_step = DeviceStep(model, opt, B, T, grad_clip=1.0, capture=graphs)
+        times = _time_steps(timed(device_step), 2, steps, None)
         extra["cuda_graph"] = device_step.graph is not None
         extra["matmuls"] = model.ops.matmul_library
         # what attention kept: (L, B, NH, T) row logsumexps = cuDNN flash attention,
@@ -197,12 +193,12 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
         est = memory_estimate(cfg, B, T, dtype, flash=model.acts.att.ndim == 4)
         extra["estimate_mib"] = round(est["total"] / 2**20, 1)
     else:
-        times = _time_steps(plain_step, 2, steps, None)
+        times = _time_steps(timed(host_step), 2, steps, None)
     if profile:
         from .profile import OpTimer
         with OpTimer(model.ops) as timer:
             for _ in range(3):
-                plain_step()
+                timed(host_step)()
         extra["profile"] = timer.table(steps=3)
         extra["profile_ms"] = {k: round(ms / 3, 3) for k, (_, ms) in timer.totals().items()}
     return times, (round(peak[0] / 2**20, 1) if pool is not None else None), extra
@@ -226,13 +222,7 @@ def bench_torch(cfg, B, T, steps, threads, device="cpu", dtype="fp32", compile=F
 
 def _llmpy_supports(dtype, device):
     """Raise LlmpyError now, before minutes of measuring, if llmpy cannot run `dtype` on `device`."""
-    if dtype == "fp32":
-        return
-    from .model import GPT
     from .ops import get_backend
-    if "dtype" not in inspect.signature(GPT).parameters:
-        raise LlmpyError(f"--dtype {dtype} is not available yet for llmpy on {device}; "
-                         "use --dtype fp32, or --only torch to time the PyTorch reference alone")
     get_backend(device).storage_dtype(dtype)    # the backend's own one-line refusal, if any
 
 

@@ -1,7 +1,7 @@
-"""Model and training-state files.
+"""Training checkpoints: what an exact resume needs, written so a crash cannot lose it.
 
 A checkpoint directory is a Hugging Face GPT-2 directory (config.json +
-model.safetensors, HF names and layouts, tied LM head), so
+model.safetensors, written by formats.save_model; see formats/hf.py), so
 `transformers.GPT2LMHeadModel.from_pretrained(dir)` loads it as it is. Beside
 it, a training checkpoint keeps what an exact resume needs: AdamW's m and v
 (optimizer.safetensors) and train_state.json (step, data position, flags), and
@@ -13,10 +13,8 @@ into place, so a crash never leaves something that looks finished. Deleting
 an old checkpoint (--keep) renames it to a hidden name first, so a crash never
 leaves a half-deleted one either; `--resume` clears such leftovers.
 
-`load` also reads pytorch_model.bin (when torch is installed), bfloat16
-safetensors, llm.c model files (llmc.py) and Hugging Face hub names.
-Every reader checks what it reads against the file and against the config
-before it allocates anything, and fails with one LlmpyError line.
+Every reader checks what it reads against the file and against the model
+before it changes anything, and fails with one LlmpyError line.
 """
 from __future__ import annotations
 
@@ -29,293 +27,69 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPTConfig
 from .errors import LlmpyError
-from .fileio import atomic_write_json, fsync_dir, sha256_file, slow_write_hook
-
-# ---------------------------------------------------------------------- JSON
-
-
-def read_json_object(path: Path, missing: str, fix: str) -> dict:
-    """A JSON object from `path`, or one LlmpyError line: `missing` when there
-    is no file, `fix` appended when it is not a JSON object."""
-    try:
-        d = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise LlmpyError(f"{path}: {missing}") from None
-    except OSError as e:
-        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise LlmpyError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         f"{fix}") from None
-    if not isinstance(d, dict):
-        raise LlmpyError(f"{path}: expected a JSON object; {fix}")
-    return d
-
-
-# ---------------------------------------------------------------------- HF directories
-
-
-def hf_config(cfg: GPTConfig) -> dict:
-    """config.json of a Hugging Face GPT-2 model of this shape."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.block_size,
-        "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "bos_token_id": 50256, "eos_token_id": 50256,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-    }
-
-
-def read_hf_config(path) -> GPTConfig:
-    """GPTConfig of a Hugging Face GPT-2 config.json; anything that is not a
-    GPT-2 llmpy can run (another model type, MLP width, activation) is refused."""
-    path = Path(path)
-    d = read_json_object(path, missing="no config.json; a model directory needs config.json + model.safetensors",
-                         fix="re-save the model")
-    if d.get("model_type", "gpt2") != "gpt2":
-        raise LlmpyError(f"{path}: model_type is {d.get('model_type')!r}, llmpy loads GPT-2 models only")
-    if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise LlmpyError(f"{path}: activation_function {d.get('activation_function')!r} is not GPT-2's tanh GELU")
-    fields = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
-              "n_head": "n_head", "n_embd": "n_embd"}
-    defaults = GPTConfig()
-    values = {}
-    for ours, theirs in fields.items():
-        v = d.get(theirs, getattr(defaults, ours))
-        if type(v) is not int or v <= 0:      # not bool, not float, not a string
-            raise LlmpyError(f"{path}: {theirs} must be a positive integer, got {v!r}")
-        values[ours] = v
-    if d.get("n_inner") not in (None, 4 * values["n_embd"]):
-        raise LlmpyError(f"{path}: n_inner={d.get('n_inner')!r} is not 4 * n_embd; llmpy supports GPT-2's MLP width")
-    try:
-        return GPTConfig(**values)
-    except LlmpyError as e:
-        raise LlmpyError(f"{path}: {e}") from None
-
-
-def save_model(model, path, format: str = "hf", dtype: str = "fp32"):
-    """Write a model: format "hf" is a Hugging Face directory (config.json +
-    model.safetensors, fp32); format "llmc" is one llm.c model file (fp32 or bf16)."""
-    if format == "llmc":
-        from .llmc import write_model
-        write_model(path, model.config, _host_flat(model), dtype=dtype)
-        return
-    if format != "hf":
-        raise LlmpyError(f"unknown model format {format!r}; use 'hf' (a directory) or 'llmc' (an llm.c .bin file)")
-    if dtype != "fp32":
-        raise LlmpyError(f"Hugging Face directories are written in fp32, not {dtype}")
-    from safetensors.numpy import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".model.safetensors.tmp"
-    save_file(model.state_dict(), str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path / "model.safetensors")
-    slow_write_hook()
-    atomic_write_json(path / "config.json", hf_config(model.config))
-
-
-def _host_flat(model) -> np.ndarray:
-    flat = model.params.flat
-    return flat if model.xp is np else model.xp.asnumpy(flat)
-
-
-def read_safetensors(path) -> dict:
-    """All tensors of a safetensors file as NumPy arrays; any damage is an LlmpyError."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise LlmpyError(f"{path}: file not found")
-    try:
-        sd = load_file(str(path))
-        # with ml_dtypes installed, safetensors returns bf16 tensors as its
-        # bfloat16 dtype, which NumPy does not count as floating: upcast (exact)
-        return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in sd.items()}
-    except (SafetensorError, OSError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "bfloat16" in why:       # NumPy has no bfloat16: read the file ourselves, upcasting
-            return _read_safetensors_by_format(path)
-        raise LlmpyError(f"{path}: not a readable safetensors file ({why}); re-save or re-download it") from None
-
-
-_ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
-
-
-def _read_safetensors_by_format(path) -> dict:
-    """A safetensors file read by its format, for the bfloat16 files that
-    safetensors.numpy cannot return (NumPy has no bfloat16); BF16 tensors are
-    upcast to float32 exactly. The format: an 8-byte little-endian length N,
-    N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}}
-    (plus an optional "__metadata__"), then the data, offsets counted from
-    its start. Every entry is checked against the file before it is read."""
-    from .llmc import bf16_bits_to_fp32
-    path = Path(path)
-
-    def bad(what):
-        return LlmpyError(f"{path}: not a readable safetensors file ({what}); re-save or re-download it")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise bad(f"header length {n} does not fit in {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise bad("header is not JSON") from None
-        if not isinstance(header, dict):
-            raise bad("header is not a JSON object")
-        data_start, out = 8 + n, {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
-                raise bad(f"tensor {name!r}: unsupported or missing dtype")
-            shape, offsets = meta.get("shape"), meta.get("data_offsets")
-            if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
-                    or not isinstance(offsets, list) or len(offsets) != 2
-                    or not all(type(o) is int for o in offsets)):
-                raise bad(f"tensor {name!r}: malformed shape or data_offsets")
-            begin, end = offsets
-            dtype, itemsize = _ST_DTYPES[meta["dtype"]]
-            count = int(np.prod(shape, dtype=object)) if shape else 1
-            if not 0 <= begin <= end <= size - data_start or end - begin != count * itemsize:
-                raise bad(f"tensor {name!r}: data_offsets {offsets} do not match its shape and the file")
-            f.seek(data_start + begin)
-            arr = np.frombuffer(f.read(end - begin), dtype=dtype)
-            out[name] = (bf16_bits_to_fp32(arr) if meta["dtype"] == "BF16" else arr).reshape(shape)
-    return out
-
-
-def read_pytorch_bin(path) -> dict:
-    """The tensors of a pytorch_model.bin (needs torch; loaded with weights_only,
-    so a hostile pickle cannot run code)."""
-    try:
-        import torch
-    except ImportError:
-        raise LlmpyError(f"{path}: reading pytorch_model.bin needs PyTorch (pip install torch), "
-                         "or convert the model to model.safetensors") from None
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:   # torch raises many types for a bad file; all mean the same here
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LlmpyError(f"{path}: not a readable PyTorch checkpoint ({why[:200]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise LlmpyError(f"{path}: expected a dict of tensors (a state dict)")
-    return {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
-
-
-def _check_float_tensors(sd: dict, source):
-    for k, v in sd.items():
-        if k.endswith(("attn.bias", "attn.masked_bias")):
-            continue      # HF's causal-mask buffers, not parameters
-        if not np.issubdtype(v.dtype, np.floating):
-            raise LlmpyError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected floating point weights")
-
-
-def check_shapes(sd: dict, cfg: GPTConfig, source):
-    """Check config.json against the tensors' own shapes *before* a model of
-    that config is allocated: a config claiming a huge model next to small
-    weights must fail here, not in a giant allocation."""
-    def get(name):
-        t = sd.get(name, sd.get(name[len("transformer."):]))
-        if t is None:
-            raise LlmpyError(f"{source}: missing tensor {name!r}; is this a GPT-2 checkpoint?")
-        return t
-    wte, wpe = get("transformer.wte.weight"), get("transformer.wpe.weight")
-    if tuple(wte.shape) != (cfg.vocab_size, cfg.n_embd):
-        raise LlmpyError(f"{source}: wte has shape {tuple(wte.shape)}, but config.json says vocab_size "
-                         f"{cfg.vocab_size} x n_embd {cfg.n_embd}")
-    if tuple(wpe.shape) != (cfg.block_size, cfg.n_embd):
-        raise LlmpyError(f"{source}: wpe has shape {tuple(wpe.shape)}, but config.json says n_positions "
-                         f"{cfg.block_size} x n_embd {cfg.n_embd}")
-    layers = {k.split(".")[k.split(".").index("h") + 1] for k in sd if ".h." in f".{k}"}
-    if len(layers) != cfg.n_layer:
-        raise LlmpyError(f"{source}: holds {len(layers)} transformer layers, but config.json says n_layer "
-                         f"{cfg.n_layer}")
-
-
-# Hugging Face hub names llmpy knows the shape of; any "owner/name" also tries the hub.
-HF_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _from_hub(name: str) -> Path:
-    """Download (or find in the local cache) a GPT-2 model from the Hugging Face hub."""
-    need_local = (f"{name}: not a local model; pass a directory with config.json + model.safetensors "
-                  f"(or an llm.c .bin file)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise LlmpyError(f"{need_local}; downloading {name!r} from the hub needs `pip install huggingface_hub`") from None
-    try:
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError:          # older huggingface_hub: no specific reasons, only the generic one
-        LocalEntryNotFoundError = RepositoryNotFoundError = ()
-    try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
-    except LocalEntryNotFoundError:
-        raise LlmpyError(f"{need_local}; the Hugging Face hub is not reachable (offline, or HF_HUB_OFFLINE is "
-                         f"set) and {name!r} is not in the local cache") from None
-    except RepositoryNotFoundError:
-        raise LlmpyError(f"{need_local}; the Hugging Face hub has no model {name!r}") from None
-    except Exception as e:      # network trouble of any kind: one line for the user
-        why = (str(e).split(". ")[0].splitlines() or [type(e).__name__])[0]
-        raise LlmpyError(f"{need_local}; fetching it from the Hugging Face hub failed ({why[:160]})") from None
-
-
-def load(path, device: str = "cpu", dtype: str = "fp32"):
-    """A GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors,
-    or pytorch_model.bin when torch is installed), an llm.c model file, or a
-    Hugging Face hub name such as "gpt2" (downloaded when online)."""
-    from .model import GPT
-    spec = str(path)
-    path = Path(path)
-    if not path.exists():
-        if spec in HF_HUB_NAMES or ("/" in spec and _REPO_ID.match(spec)):
-            path = _from_hub(spec)
-        else:
-            raise LlmpyError(f"{path}: no such model directory or file; pass a directory with config.json + "
-                             f"model.safetensors, an llm.c .bin file, or a hub name ({', '.join(HF_HUB_NAMES)})")
-    if path.is_file():
-        from .llmc import read_model
-        cfg, flat = read_model(path)
-        model = GPT(cfg, device=device, init=False, dtype=dtype)
-        model.params.flat[:] = model.xp.asarray(flat)
-        model.params_updated()
-        return model
-    cfg = read_hf_config(path / "config.json")
-    if (path / "model.safetensors").exists():
-        weights = path / "model.safetensors"
-        sd = read_safetensors(weights)
-    elif (path / "pytorch_model.bin").exists():
-        weights = path / "pytorch_model.bin"
-        sd = read_pytorch_bin(weights)
-    else:
-        raise LlmpyError(f"{path}: no model.safetensors (or pytorch_model.bin) in this directory")
-    _check_float_tensors(sd, weights)
-    check_shapes(sd, cfg, weights)
-    model = GPT(cfg, device=device, init=False, dtype=dtype)
-    model.load_state_dict(sd, source=str(weights))
-    return model
-
-
-# ---------------------------------------------------------------------- training checkpoints
+from .fileio import atomic_write_json, fsync_dir, read_json_object, sha256_file, slow_write_hook
+from .formats import save_model
+from .formats.hf import check_float_tensors, from_hf, read_safetensors
 
 CKPT_PREFIX = "ckpt_"
+
+# ---------------------------------------------------------------------- the training loop's two calls
+
+
+def save(out, step: int, model, optimizer, loader, comm, train_config: dict, keep: int):
+    """The training loop's checkpoint after `step`: every rank calls this.
+    train_state.json records the data position, the flags and the world."""
+    state = {"loader": loader.state_dict(), "train_config": train_config, "model_config": model.config.to_dict(),
+             "world_size": comm.world_size, "zero_stage": 0 if optimizer.shard is None else 1}
+    if optimizer.shard is not None:         # ZeRO-1: every rank writes its slice of AdamW's state
+        save_training_checkpoint(out, step, model, optimizer, state, keep=keep, comm=comm)
+    elif comm.rank == 0:                    # otherwise every rank holds the same state: rank 0 writes it
+        save_training_checkpoint(out, step, model, optimizer, state, keep=keep)
+    comm.barrier()
+
+
+def resume(out: Path, model, optimizer, loader, comm, log) -> int:
+    """Restore the newest checkpoint in `out` that verifies into the model, the
+    optimizer and the loader; returns its step (0: none). Rank 0 picks it and
+    tells the others, which then load the same one. log(text) reports."""
+    chosen = np.zeros(1, dtype=np.int64)
+    if comm.rank == 0:
+        for p in remove_stale_temporaries(out):
+            log(f"resume: removed {p}, left behind by an interrupted run")
+        for path in reversed(list_checkpoints(out)):
+            problem = verify_checkpoint(path)
+            if problem:
+                log(f"resume: skipping {path}: {problem}")
+                continue
+            chosen[0] = int(path.name[len(CKPT_PREFIX):])
+            break
+    comm.broadcast(chosen, root=0)
+    if not chosen[0]:
+        log(f"resume: no checkpoint in {out}; starting from step 0")
+        return 0
+    path = out / f"{CKPT_PREFIX}{int(chosen[0]):08d}"
+    state = load_training_checkpoint(path, model, optimizer)
+    try:
+        loader.load_state_dict(state["loader"])
+    except LlmpyError as e:
+        raise LlmpyError(f"{path / 'train_state.json'}: {e}") from None
+    was_world, was_zero = state.get("world_size", 1), state.get("zero_stage", 0)
+    zero_stage = 0 if optimizer.shard is None else 1
+    if (was_world, was_zero) != (comm.world_size, zero_stage):
+        # The AdamW state is re-cut for the new slices (load_training_checkpoint
+        # reads whatever slices the checkpoint has), and the data continues from
+        # the same global position; but with another number of ranks the batches
+        # group differently, so the run is no longer identical to one that was
+        # never stopped.
+        log(f"resume: {path} was written by {was_world} rank(s) with ZeRO-{was_zero}, this run has "
+            f"{comm.world_size} with ZeRO-{zero_stage}: AdamW state re-sharded; training continues, "
+            f"but not bitwise as an uninterrupted {was_world}-rank run would")
+    log(f"resume: continuing from {path} (step {state['step']})")
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------- the pieces
 
 
 def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: dict, keep: int = 0,
@@ -332,11 +106,10 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
     sharded = comm is not None and optimizer.shard is not None
     rank = comm.rank if sharded else 0
-    xp = model.xp
-    host = (lambda a: a) if xp is np else xp.asnumpy
+    host = model.ops.to_host
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not np.isfinite(_host_flat(model)).all():
+        if not np.isfinite(host(model.params.flat)).all():
             raise LlmpyError(f"step {step}: the weights contain NaN or inf; not writing a checkpoint of them")
     if not sharded:
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp"))
@@ -368,7 +141,7 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
             save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / "optimizer.safetensors"))
         save_model(model, tmp)
         slow_write_hook()
-        atomic_write_json(tmp / "train_state.json", dict(train_state, step=step, adam_step=optimizer.step_count))
+        atomic_write_json(tmp / "train_state.json", dict(train_state, step=step))
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             with open(tmp / name, "rb+") as f:
@@ -465,8 +238,7 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     2 or 1 and the other way round."""
     path = Path(path)
     sd = read_safetensors(path / "model.safetensors")
-    _check_float_tensors(sd, path / "model.safetensors")
-    from .model import from_hf
+    check_float_tensors(sd, path / "model.safetensors")
     host = from_hf(sd, model.config, source=str(path / "model.safetensors"))
     state = read_train_state(path / "train_state.json")
     n = model.params.flat.size
@@ -474,7 +246,7 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     m, v = (_read_optimizer_slice(path, state, n, lo, hi, k) for k in ("m", "v"))
     model.params.flat[:] = model.xp.asarray(host.flat)
     model.params_updated()
-    optimizer.load_state_dict({"m": model.xp.asarray(m), "v": model.xp.asarray(v), "step": state["adam_step"]})
+    optimizer.load_state_dict({"m": model.xp.asarray(m), "v": model.xp.asarray(v)})
     return state
 
 
@@ -514,9 +286,8 @@ def read_train_state(path) -> dict:
     """train_state.json, with the fields a resume relies on checked."""
     path = Path(path)
     state = read_json_object(path, missing="missing; the checkpoint is incomplete", fix="the checkpoint is corrupt")
-    for key in ("step", "adam_step"):
-        if type(state.get(key)) is not int or state[key] < 0:
-            raise LlmpyError(f"{path}: {key!r} must be a non-negative integer, got {state.get(key)!r}")
+    if type(state.get("step")) is not int or state["step"] < 0:
+        raise LlmpyError(f"{path}: 'step' must be a non-negative integer, got {state.get('step')!r}")
     shards = state.get("optimizer_shards")
     if shards is not None:
         ok = isinstance(shards, list) and shards and all(

@@ -9,53 +9,15 @@ import argparse
 import json
 import sys
 
-from .config import PRESETS, TrainConfig
+from .config import DEVICES, DTYPES, TrainConfig
 from .errors import LlmpyError
 
 
 def _train_parser(sub):
-    d = TrainConfig()
     p = sub.add_parser("train", help="train a GPT-2 model (no flags: a small model on the embedded pydoc corpus)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=d.data, help="glob of train shards (default: the embedded pydoc corpus)")
-    p.add_argument("--val-data", default=d.val_data, help="glob of val shards")
-    p.add_argument("--model", default=d.model, help=f"preset ({', '.join(PRESETS)}) or a model directory")
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"])
-    p.add_argument("--batch-size", "-B", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", "-T", type=int, default=d.seq_len)
-    p.add_argument("--total-batch-size", type=int, default=d.total_batch_size,
-                   help="tokens per optimizer step (gradient accumulation); default B*T")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "linear", "constant"])
-    p.add_argument("--min-lr-frac", type=float, default=d.min_lr_frac)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
-    p.add_argument("--stop-at", type=int, default=d.stop_at,
-                   help="stop after this step with a checkpoint (continue later with --resume)")
-    p.add_argument("--val-every", type=int, default=d.val_every)
-    p.add_argument("--val-steps", type=int, default=d.val_steps)
-    p.add_argument("--sample-every", type=int, default=d.sample_every)
-    p.add_argument("--sample-tokens", type=int, default=d.sample_tokens)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--keep", type=int, default=d.keep, help="keep the newest N checkpoints (0: all)")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step whose loss or gradient norm is NaN/inf instead of stopping")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="on cuda: launch every kernel from Python each step instead of replaying a CUDA graph")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g = p.add_argument_group("multi-process training (start with mpirun -np N llmpy train ...)")
-    g.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1],
-                   help="0: every rank keeps all of AdamW's state; 1: each rank keeps (and updates) one slice")
-    g.add_argument("--dist", default=d.dist, choices=["auto", "mpi", "nccl"],
-                   help="communicator: auto = MPI on CPU ranks / NCCL on GPUs when started by mpirun or srun")
-    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
-                   help="seconds a rank waits for the others in one collective before it gives up (0: no limit)")
+                       description="Train a GPT-2 model. Every flag is optional: with none, the d4 preset "
+                                   "trains for 400 steps on the embedded pydoc corpus.")
+    TrainConfig.add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="recompute the whole context for every token instead of using the KV cache")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
 
     p = sub.add_parser("eval", help="validation loss (--data) or HellaSwag accuracy (--hellaswag) of a model directory")
     p.add_argument("ckpt")
@@ -101,24 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-B", "--batch-size", type=int, default=4)
     p.add_argument("-T", "--seq-len", type=int, default=None, help="default: the model's block size")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
 
     p = sub.add_parser("convert", help="convert a model between Hugging Face and llm.c formats")
     p.add_argument("src", help="a model directory, an llm.c .bin file, or a hub name such as gpt2")
     p.add_argument("dst", help="output: a directory (--to hf) or a .bin file (--to llmc)")
     p.add_argument("--to", required=True, choices=["hf", "llmc"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="llm.c weights: fp32 or bf16")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="llm.c weights: fp32 or bf16")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="also write GPT-2's tokenizer as an llm.c tokenizer file (e.g. gpt2_tokenizer.bin)")
 
     p = sub.add_parser("bench", help="time a full training step (optionally against PyTorch)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--model", default="d12")
     p.add_argument("-B", "--batch-size", type=int, default=4)
     p.add_argument("-T", "--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=7, help="timed steps (after warm-up)")
     p.add_argument("--compare", choices=["torch"], default=None)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--dtype", default="fp32", choices=DTYPES,
                    help="bf16: the torch reference under autocast (llmpy: when its bf16 path exists)")
     p.add_argument("--only", choices=["torch"], default=None,
                    help="time the PyTorch reference alone (implies --compare torch)")
@@ -158,13 +120,11 @@ def _run(args):
         print(json.dumps({k: str(v) for k, v in info.items()}))
     elif args.command == "train":
         from .train import train
-        fields = TrainConfig.__dataclass_fields__
-        tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        train(tc)
+        train(TrainConfig.from_args(args))
     elif args.command == "sample":
         from . import load
         from .data.tokenizer import Tokenizer
-        from .sample import generate
+        from .inference import generate
         model = load(args.ckpt, device=args.device)
         tok = Tokenizer()
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
@@ -189,13 +149,13 @@ def _run(args):
                     f"acc_norm {res['acc_norm']:.4f}")
         print(json.dumps(res) if args.json else text)
     elif args.command == "convert":
-        from . import load
-        from .checkpoint import save_model
+        from .families import load
+        from .formats import save_model
         save_model(load(args.src), args.dst, format=args.to, dtype=args.dtype)
         print(f"wrote {args.dst} ({args.to}, {args.dtype})")
         if args.tokenizer:
             from .data.tokenizer import Tokenizer
-            from .llmc import write_tokenizer_from
+            from .formats.llmc import write_tokenizer_from
             write_tokenizer_from(args.tokenizer, Tokenizer())
             print(f"wrote {args.tokenizer} (llm.c tokenizer)")
     elif args.command == "bench":

@@ -1,7 +1,17 @@
-"""Model configuration (GPTConfig) and the presets from DESIGN.md."""
+"""Configuration: the model's shape (GPTConfig, presets) and every `llmpy train`
+flag (TrainConfig).
+
+TrainConfig is the one place a training flag is declared: its name, type,
+default, allowed values and help text sit in the field, and `llmpy train`'s
+command line is built from the fields (add_arguments), so the CLI, the
+checkpoints' train_state.json and the Python API cannot disagree.
+`TrainConfig.check()` validates a configuration in one place.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import argparse
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import LlmpyError
 
@@ -57,40 +67,109 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
 
 
+LR_SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("fp32", "bf16")
+DEVICES = ("cpu", "cuda")
+
+
+def _flag(default, help: str, *, choices=None, short: str | None = None, group: str | None = None,
+          default_text: str | None = None, metavar: str | None = None):
+    """A TrainConfig field with what the command line needs to know about it.
+    default_text: how --help names a default that is not a plain value (None)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "short": short, "group": group,
+                                            "default_text": default_text, "metavar": metavar})
+
+
+_METAVARS = {int: "N", float: "X", str: "VALUE"}
+_DIST = "multi-process training (start with mpirun -np N llmpy train ...)"
+
+
 @dataclass
 class TrainConfig:
-    """Every `llmpy train` flag, in one place (the CLI maps onto this 1:1)."""
-    data: str | None = None             # glob of train shards; None: the embedded pydoc corpus
-    val_data: str | None = None         # glob of val shards; None: pydoc's val split (with default data)
-    model: str = "d4"                   # preset name or a model directory to start from
-    device: str = "cpu"
-    dtype: str = "fp32"
-    batch_size: int = 8                 # B: sequences per micro-step
-    seq_len: int = 128                  # T
-    total_batch_size: int | None = None  # tokens per optimizer step; None: B * T (no accumulation)
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    lr_schedule: str = "cosine"
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    steps: int = 400                    # total optimizer steps
-    stop_at: int | None = None          # stop (with a checkpoint) after this step; resume later
-    val_every: int = 50
-    val_steps: int = 10                 # val batches per evaluation
-    sample_every: int = 200
-    sample_tokens: int = 48
-    checkpoint_every: int = 200
-    keep: int = 2                       # keep the newest N checkpoints (0: all)
-    out: str = "out"
-    resume: bool = False
-    skip_nonfinite: bool = False        # skip a step whose loss or gradient norm is NaN/inf instead of stopping
-    cuda_graphs: bool = True            # cuda, one process, no accumulation: replay the step as a CUDA graph
-    seed: int = 0
-    progress: bool = True               # progress bar (off: one line per val/sample)
-    zero_stage: int = 0                 # multi-process: 0 replicates AdamW state, 1 shards it over the ranks
-    dist: str = "auto"                  # communicator: auto (MPI/NCCL under mpirun, else none), mpi, nccl
-    dist_timeout: float = 1800.0        # seconds one collective may wait for the other ranks (0: for ever)
+    """Every `llmpy train` flag (the command line is built from these fields)."""
+    data: str | None = _flag(None, "glob of train shards", default_text="the embedded pydoc corpus",
+                             metavar="PATTERN")
+    val_data: str | None = _flag(None, "glob of val shards", default_text="pydoc's val split with the default "
+                                 "data, else no validation", metavar="PATTERN")
+    model: str = _flag("d4", f"preset ({', '.join(PRESETS)}) or a model directory to start from",
+                       metavar="PRESET|DIR")
+    device: str = _flag("cpu", "where the step runs", choices=DEVICES)
+    dtype: str = _flag("fp32", "fp32, or bf16 mixed precision (fp32 master weights; needs --device cuda)",
+                       choices=DTYPES)
+    batch_size: int = _flag(8, "B: sequences per micro-step", short="-B")
+    seq_len: int = _flag(128, "T: tokens per sequence", short="-T")
+    total_batch_size: int | None = _flag(None, "tokens per optimizer step (gradient accumulation when larger "
+                                         "than B x T x ranks)", default_text="B x T x ranks")
+    lr: float = _flag(1e-3, "peak learning rate")
+    warmup_steps: int = _flag(20, "linear warmup steps")
+    lr_schedule: str = _flag("cosine", "decay after the warmup", choices=LR_SCHEDULES)
+    min_lr_frac: float = _flag(0.1, "the schedule ends at this fraction of --lr")
+    weight_decay: float = _flag(0.1, "AdamW weight decay (2-D weight matrices only)")
+    grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0: off)")
+    steps: int = _flag(400, "total optimizer steps (fixes the LR schedule)")
+    stop_at: int | None = _flag(None, "stop after this step with a checkpoint (continue later with --resume)",
+                                default_text="run all --steps")
+    val_every: int = _flag(50, "measure the val loss every N steps (0: never)")
+    val_steps: int = _flag(10, "val batches per measurement")
+    sample_every: int = _flag(200, "print a sample every N steps (0: never)")
+    sample_tokens: int = _flag(48, "tokens per sample")
+    checkpoint_every: int = _flag(200, "write a checkpoint every N steps (and always at the end)")
+    keep: int = _flag(2, "keep the newest N checkpoints (0: all)")
+    out: str = _flag("out", "output directory: log.jsonl, loss.png, ckpt_*/", metavar="DIR")
+    resume: bool = _flag(False, "continue from the newest checkpoint in --out that verifies")
+    skip_nonfinite: bool = _flag(False, "skip a step whose loss or gradient norm is NaN/inf instead of stopping")
+    cuda_graphs: bool = _flag(True, "on cuda, one process: replay the step as CUDA graphs")
+    seed: int = _flag(0, "seed of the weight init and of the data order")
+    progress: bool = _flag(True, "a progress bar (off: one line per validation)")
+    zero_stage: int = _flag(0, "0: every rank keeps all of AdamW's state; 1: each rank keeps (and updates) one "
+                            "slice", choices=(0, 1), group=_DIST)
+    dist: str = _flag("auto", "communicator: auto = MPI on CPU ranks / NCCL on GPUs when started by mpirun or "
+                      "srun", choices=("auto", "mpi", "nccl"), group=_DIST)
+    dist_timeout: float = _flag(1800.0, "seconds a rank waits for the others in one collective before it gives "
+                                "up (0: no limit)", group=_DIST)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self):
+        """Raise LlmpyError naming the first flag whose value cannot work."""
+        for name in ("batch_size", "seq_len", "steps"):
+            if getattr(self, name) <= 0:
+                raise LlmpyError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise LlmpyError(f"--lr must be a positive number, got {self.lr}")
+        for f in fields(self):
+            allowed = f.metadata["choices"]
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise LlmpyError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: use one of "
+                                 f"{', '.join(map(str, allowed))}")
+        if self.dtype == "bf16" and self.device != "cuda":
+            raise LlmpyError("--dtype bf16 needs --device cuda; the NumPy backend computes in fp32")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser):
+        """One command-line flag per field: --name-with-dashes, its type from
+        the default, its help with the real default. A True default becomes
+        --X / --no-X, a False one a plain switch."""
+        groups = {}
+        for f in fields(cls):
+            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            where = parser
+            if meta["group"]:
+                where = groups.get(meta["group"]) or groups.setdefault(meta["group"],
+                                                                       parser.add_argument_group(meta["group"]))
+            names = [flag] + ([meta["short"]] if meta["short"] else [])
+            if isinstance(f.default, bool):
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                where.add_argument(*names, dest=f.name, action=action, default=f.default,
+                                   help=f"{meta['help']} (default: {'on' if f.default else 'off'})")
+                continue
+            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            default = meta["default_text"] if f.default is None else f.default
+            where.add_argument(*names, dest=f.name, type=kind, default=f.default, choices=meta["choices"],
+                               metavar=None if meta["choices"] else meta["metavar"] or _METAVARS[kind],
+                               help=f"{meta['help']} (default: {default})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

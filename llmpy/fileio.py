@@ -1,4 +1,4 @@
-"""Atomic file writes and file hashes, shared by every writer in llmpy.
+"""Atomic file writes, file hashes and JSON reads, shared by every file in llmpy.
 
 A file written here appears whole or not at all: the bytes go to a temporary
 file in the same directory, which is fsynced and then renamed over the target
@@ -15,6 +15,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+from .errors import LlmpyError
 
 
 @contextlib.contextmanager
@@ -68,6 +70,23 @@ def sha256_file(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: Path, missing: str, fix: str) -> dict:
+    """A JSON object from `path`, or one LlmpyError line: `missing` when there
+    is no file, `fix` appended when it is not a JSON object."""
+    try:
+        d = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise LlmpyError(f"{path}: {missing}") from None
+    except OSError as e:
+        raise LlmpyError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise LlmpyError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"{fix}") from None
+    if not isinstance(d, dict):
+        raise LlmpyError(f"{path}: expected a JSON object; {fix}")
+    return d
 
 
 def slow_write_hook():

@@ -1,4 +1,4 @@
-"""GPT-2, written once against the op contract (DESIGN.md section 2).
+"""GPT-2, written once against the op contract (llmpy/ops/contract.py).
 
 The model knows no backend: it calls `self.ops.<layer>_forward/_backward` on
 arrays of the backend's kind. Parameters live in ONE flat float32 buffer with a
@@ -20,32 +20,17 @@ and at the end: logits = layernorm_f(x) @ wte^T (the LM head is tied to wte).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from .config import GPTConfig
 from .errors import LlmpyError
-from .ops import get_backend
+from . import formats
+from .formats.hf import from_hf, to_hf
+from .gpt2_layout import DECAYED, parameter_shapes
+from .ops import contract, get_backend
 from .tensors import FlatTensors
-
-
-def parameter_shapes(cfg: GPTConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Name and shape of every parameter tensor, in llm.c's order."""
-    Vp, C, L, maxT = cfg.padded_vocab_size, cfg.n_embd, cfg.n_layer, cfg.block_size
-    return [
-        ("wte", (Vp, C)),            # token embedding; also the LM head (tied)
-        ("wpe", (maxT, C)),          # position embedding
-        ("ln1w", (L, C)), ("ln1b", (L, C)),
-        ("qkvw", (L, 3 * C, C)), ("qkvb", (L, 3 * C)),
-        ("attprojw", (L, C, C)), ("attprojb", (L, C)),
-        ("ln2w", (L, C)), ("ln2b", (L, C)),
-        ("fcw", (L, 4 * C, C)), ("fcb", (L, 4 * C)),
-        ("fcprojw", (L, C, 4 * C)), ("fcprojb", (L, C)),
-        ("lnfw", (C,)), ("lnfb", (C,)),
-    ]
-
-
-# 2-D weight matrices get weight decay; biases and layernorm parameters do not.
-DECAYED = {"wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"}
 
 
 class Activations:
@@ -89,23 +74,19 @@ class Activations:
         self.ln_scratch = f32(2, N, C)       # float32 partial sums of dweight, dbias
         self.datt = z(*datt_shape)
 
+    # what one block's forward reads and writes (GPT.block_forward)
+    LAYER = ("ln1", "qkv", "atty", "residual2", "ln2", "ln2_mean", "ln2_rstd", "fch", "fch_gelu", "residual3")
+
+    def layer(self, l: int) -> SimpleNamespace:
+        """Layer l's views of the per-layer buffers, by the names block_forward uses."""
+        return SimpleNamespace(**{name: getattr(self, name)[l] for name in self.LAYER})
+
 
 class _ShapesOnly:
     """An array module whose arrays have shapes and sizes but no memory (for memory_estimate)."""
     @staticmethod
     def empty(shape, dtype):
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
-
-
-class _AttentionAs:
-    """attention_saved as the CUDA backend answers it, flash attention or not."""
-    def __init__(self, flash):
-        self.flash = flash
-
-    def attention_saved(self, B, NH, T, hs, dtype):
-        if self.flash and np.dtype(dtype) != np.float32:
-            return (B, NH, T), np.float32, (1,)
-        return (B, NH, T, T), dtype, (B, NH, T, T)
 
 
 def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: bool = True) -> dict:
@@ -122,7 +103,10 @@ def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: 
         from ml_dtypes import bfloat16
         act = np.dtype(bfloat16)
     n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(cfg))
-    acts = Activations(cfg, B, T, _ShapesOnly, act, _AttentionAs(flash))
+    # attention keeps what the CUDA backend keeps with flash attention on or off (ops/contract.py)
+    rule = SimpleNamespace(attention_saved=lambda B, NH, T, hs, dtype:
+                           contract.attention_saved(B, NH, T, hs, dtype, flash))
+    acts = Activations(cfg, B, T, _ShapesOnly, act, rule)
     act_bytes = sum(v.nbytes for v in vars(acts).values() if isinstance(v, np.ndarray))
     out = {"params_fp32": 4 * n, "compute_copy": 0 if dtype == "fp32" else act.itemsize * n,
            "grads": act.itemsize * n, "adamw_m_v": 8 * n, "activations": act_bytes}
@@ -132,6 +116,8 @@ def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: 
 
 class GPT:
     """GPT-2 language model. `GPT(config, device="cpu", seed=0, dtype="fp32")`."""
+
+    decayed = DECAYED      # the tensors AdamW applies weight decay to (the 2-D weight matrices)
 
     def __init__(self, config: GPTConfig, device: str = "cpu", seed: int = 0, init: bool = True,
                  dtype: str = "fp32"):
@@ -210,7 +196,7 @@ class GPT:
         forward() or backward() (which turns them into their gradient).
 
         sync=False is for a step that must not wait for the GPU (a CUDA
-        graph, see graph_step.py): the ids are not checked (the caller has)
+        graph, see step.DeviceStep): the ids are not checked (the caller has)
         and the loss is not computed (the per-token losses are left in
         self.acts.losses); the loss returned is None.
 
@@ -229,30 +215,13 @@ class GPT:
 
         ops.encoder_forward(a.encoded.reshape(B, T, C), ids, p.wte, p.wpe)
         x = a.encoded
-        # Each residual add is fused with the layernorm that reads its result
-        # (residual_layernorm_forward: res = a + b, out = layernorm(res)), so
-        # the first layer's ln1 is the only standalone one (and lnf without layers).
-        if cfg.n_layer:
-            ops.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], x, p.ln1w[0], p.ln1b[0])
-        else:
-            ops.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, x, p.lnfw, p.lnfb)
+        # Each block writes the layernorm after it (block_forward), so the
+        # first block's ln1 is the only standalone one (lnf without blocks).
+        ops.layernorm_forward(*self._next_layernorm(a, -1)[:3], x, *self._next_layernorm(a, -1)[3:])
         for l in range(cfg.n_layer):
-            ops.matmul_forward(a.qkv[l], a.ln1[l], p.qkvw[l], p.qkvb[l])
-            ops.attention_forward(a.atty[l].reshape(B, T, C), a.att[l], a.qkv[l].reshape(B, T, 3 * C), NH)
-            ops.matmul_forward(a.residual2[l], a.atty[l], p.attprojw[l], p.attprojb[l])
-            # residual2 = x + attention branch; ln2 = layernorm(residual2)
-            ops.residual_layernorm_forward(a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l],
-                                           a.residual2[l], x, p.ln2w[l], p.ln2b[l])
-            # fc and its GELU: fch = ln2 @ fcw^T + fcb, fch_gelu = gelu(fch) (one fused op)
-            ops.matmul_forward(a.fch[l], a.ln2[l], p.fcw[l], p.fcb[l], gelu_out=a.fch_gelu[l])
-            ops.matmul_forward(a.residual3[l], a.fch_gelu[l], p.fcprojw[l], p.fcprojb[l])
-            # residual3 = residual2 + mlp branch; then the next layer's ln1, or lnf after the last
-            if l + 1 < cfg.n_layer:
-                ln, mean, rstd, w, b = a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1], p.ln1w[l + 1], p.ln1b[l + 1]
-            else:
-                ln, mean, rstd, w, b = a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
-            ops.residual_layernorm_forward(a.residual3[l], ln, mean, rstd, a.residual3[l], a.residual2[l], w, b)
-            x = a.residual3[l]
+            def attention(atty, qkv, l=l):
+                ops.attention_forward(atty.reshape(B, T, C), a.att[l], qkv.reshape(B, T, 3 * C), NH)
+            x = self.block_forward(l, x, a.layer(l), self._next_layernorm(a, l), attention)
         # LM head over all Vp rows of wte; the classifier reads the first V
         # columns only, so the padded rows cannot enter the softmax or the loss.
         ops.matmul_forward(a.logits, a.lnf, p.wte, None)
@@ -276,6 +245,40 @@ class GPT:
             a.dlogits_scale = None
         return a.logits[:, :cfg.vocab_size].reshape(B, T, cfg.vocab_size), loss
 
+    def block_forward(self, l: int, x, a, next_ln, attention):
+        """Transformer block l on the residual stream x (N, C); returns its
+        output, a.residual3. a holds the block's buffers (one layer of
+        Activations, or the KV-cache forward's own, see inference.py) with
+        a.ln1 = layernorm1(x) already written: each residual add is fused with
+        the layernorm that reads its result (residual_layernorm_forward: res =
+        a + b, out = layernorm(res)), so the block ends by writing the NEXT
+        layernorm, next_ln = (out, mean, rstd, weight, bias): the next block's
+        ln1, or lnf after the last. attention(atty, qkv) writes the attention
+        output (N, C) from qkv (N, 3C): causal self-attention over this batch,
+        or over the cache's keys and values."""
+        ops, p = self.ops, self.compute_params
+        ops.matmul_forward(a.qkv, a.ln1, p.qkvw[l], p.qkvb[l])
+        attention(a.atty, a.qkv)
+        ops.matmul_forward(a.residual2, a.atty, p.attprojw[l], p.attprojb[l])
+        # residual2 = x + attention branch; ln2 = layernorm(residual2)
+        ops.residual_layernorm_forward(a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, x,
+                                       p.ln2w[l], p.ln2b[l])
+        # fc and its GELU: fch = ln2 @ fcw^T + fcb, fch_gelu = gelu(fch) (one fused op)
+        ops.matmul_forward(a.fch, a.ln2, p.fcw[l], p.fcb[l], gelu_out=a.fch_gelu)
+        ops.matmul_forward(a.residual3, a.fch_gelu, p.fcprojw[l], p.fcprojb[l])
+        # residual3 = residual2 + mlp branch; then the layernorm that reads it
+        out, mean, rstd, weight, bias = next_ln
+        ops.residual_layernorm_forward(a.residual3, out, mean, rstd, a.residual3, a.residual2, weight, bias)
+        return a.residual3
+
+    def _next_layernorm(self, a, l: int):
+        """(out, mean, rstd, weight, bias) of the layernorm after block l: the
+        next block's ln1, or lnf after the last block."""
+        p = self.compute_params
+        if l + 1 < self.config.n_layer:
+            return a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1], p.ln1w[l + 1], p.ln1b[l + 1]
+        return a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
+
     def _check_ids(self, ids, what):
         ids = self.xp.asarray(ids)
         if ids.ndim != 2:
@@ -296,7 +299,7 @@ class GPT:
         """Gradient of loss_scale * (mean loss of the last forward) wrt every
         parameter, ADDED to self.grads (unless zero_grad() was called last, then
         written). Call after forward(ids, targets). sorted_order: the token
-        ids' sort for the GPU encoder backward, made ahead (graph_step.py)."""
+        ids' sort for the GPU encoder backward, made ahead (step.DeviceStep)."""
         a = self.acts
         if not self._have_forward or a is None or a.targets is None:
             raise LlmpyError("backward() needs a forward(ids, targets) with targets first")
@@ -324,21 +327,7 @@ class GPT:
                                a.ln_scratch, acc=acc)
         for l in reversed(range(cfg.n_layer)):
             x = a.residual3[l - 1] if l > 0 else a.encoded
-            # MLP branch: its output was added to the stream, so d(fcproj) = dres
-            # ... and through the GELU in the same op: d4C = (dres @ fcprojw) * gelu'(fch)
-            ops.matmul_backward(a.d4C, g.fcprojw[l], g.fcprojb[l], dres, a.fch_gelu[l], p.fcprojw[l], acc=acc,
-                                gelu_inp=a.fch[l], gelu_scratch=a.scratch4C)
-            ops.matmul_backward(a.dC, g.fcw[l], g.fcb[l], a.d4C, a.ln2[l], p.fcw[l], acc=acc)
-            ops.layernorm_backward(dres, g.ln2w[l], g.ln2b[l], a.dC, a.residual2[l], p.ln2w[l],
-                                   a.ln2_mean[l], a.ln2_rstd[l], a.ln_scratch, acc=acc)
-            # attention branch: d(attproj) = dres again
-            ops.matmul_backward(a.dC, g.attprojw[l], g.attprojb[l], dres, a.atty[l], p.attprojw[l], acc=acc)
-            ops.attention_backward(a.dqkv.reshape(B, T, 3 * C), a.dC.reshape(B, T, C),
-                                   a.qkv[l].reshape(B, T, 3 * C), a.att[l], a.datt, NH,
-                                   out=a.atty[l].reshape(B, T, C))
-            ops.matmul_backward(a.dC, g.qkvw[l], g.qkvb[l], a.dqkv, a.ln1[l], p.qkvw[l], acc=acc)
-            ops.layernorm_backward(dres, g.ln1w[l], g.ln1b[l], a.dC, x, p.ln1w[l],
-                                   a.ln1_mean[l], a.ln1_rstd[l], a.ln_scratch, acc=acc)
+            self.block_backward(l, x, a, dres, acc)
         # dwte already holds the LM head's gradient (tied weights): the encoder
         # adds its part to it, so wpe's gradient is cleared here instead.
         if not acc:
@@ -347,178 +336,49 @@ class GPT:
         self._grads_fresh = False
         self._have_forward = False   # the logits are now dlogits
 
-    # ------------------------------------------------------------------ KV cache
-    # Incremental decoding (inference only; see KVCache below). Nothing here
-    # touches the training activations: forward() and backward() are unchanged.
-
-    def new_kv_cache(self, B: int = 1, max_T: int | None = None) -> "KVCache":
-        """An empty KV cache for B sequences of up to max_T (<= block_size) positions."""
-        max_T = self.config.block_size if max_T is None else max_T
-        if not 0 < max_T <= self.config.block_size:
-            raise LlmpyError(f"KV cache length {max_T} must be in [1, block_size={self.config.block_size}]")
-        return KVCache(self.config, B, max_T, self.xp, self.storage)
-
-    def forward_cached(self, ids, cache: "KVCache", all_logits: bool = False):
-        """Logits of t new tokens at positions [cache.pos, cache.pos + t).
-
-        ids (B, t) ints. Their keys and values are appended to `cache`, and
-        attention looks at every cached position before them, so a prompt fed
-        in one call (the "prefill") and then one token per call gives the same
-        logits as forward() on the whole sequence. Returns a new array: the
-        logits of the last new position (B, V), or of all of them (B, t, V).
-        """
-        ops, cfg, p, xp = self.ops, self.config, self.compute_params, self.xp
-        if not hasattr(ops, "attention_forward_cached"):
-            raise LlmpyError(f"the {ops.name} backend has no cached attention; use generate(..., use_cache=False)")
-        ids = self._check_ids(ids, "ids")
-        B, t = ids.shape
-        pos = cache.pos
-        if B != cache.B:
-            raise LlmpyError(f"ids have batch {B} but the KV cache was made for batch {cache.B}")
-        if pos + t > cache.max_T:
-            raise LlmpyError(f"KV cache holds {cache.max_T} positions, {pos} used: no room for {t} more; "
-                             "start a new cache with the last block_size tokens")
+    def block_backward(self, l: int, x, a, dres, acc: bool):
+        """Backward of block l, whose input was x (N, C): dres, the gradient of
+        the loss wrt the block's output, becomes the gradient wrt x (in place:
+        each layernorm backward ADDS its input's gradient to it, which is the
+        residual connection's sum of the two paths); the block's parameter
+        gradients are written (acc=False) or added (acc=True)."""
+        ops, cfg, p, g = self.ops, self.config, self.compute_params, self.grads
+        B, T = a.B, a.T
         C, NH = cfg.n_embd, cfg.n_head
-        hs, N = C // NH, B * t
-        f32, act = np.float32, self.storage
-
-        x = xp.empty((B, t, C), dtype=act)
-        ops.encoder_forward(x, ids, p.wte, p.wpe[pos:pos + t])   # absolute positions of the new tokens
-        x = x.reshape(N, C)
-        ln = xp.empty((N, C), dtype=act)
-        mean, rstd = xp.empty(N, dtype=f32), xp.empty(N, dtype=f32)
-        qkv = xp.empty((N, 3 * C), dtype=act)
-        y = xp.empty((B, NH, t, hs), dtype=act)
-        branch = xp.empty((N, C), dtype=act)
-        h = xp.empty((N, 4 * C), dtype=act)
-        hg = xp.empty((N, 4 * C), dtype=act)
-        for l in range(cfg.n_layer):
-            ops.layernorm_forward(ln, mean, rstd, x, p.ln1w[l], p.ln1b[l])
-            ops.matmul_forward(qkv, ln, p.qkvw[l], p.qkvb[l])
-            # (N, 3C) -> q, k, v each (B, NH, t, hs); k and v go into the cache
-            q, k, v = qkv.reshape(B, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)
-            cache.k[l, :, :, pos:pos + t] = k
-            cache.v[l, :, :, pos:pos + t] = v
-            ops.attention_forward_cached(y, q, cache.k[l, :, :, :pos + t], cache.v[l, :, :, :pos + t], pos)
-            atty = xp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(N, C)
-            ops.matmul_forward(branch, atty, p.attprojw[l], p.attprojb[l])
-            ops.residual_forward(x, x, branch)           # residual, in place
-            ops.layernorm_forward(ln, mean, rstd, x, p.ln2w[l], p.ln2b[l])
-            ops.matmul_forward(h, ln, p.fcw[l], p.fcb[l])
-            ops.gelu_forward(hg, h)
-            ops.matmul_forward(branch, hg, p.fcprojw[l], p.fcprojb[l])
-            ops.residual_forward(x, x, branch)           # residual
-        cache.pos = pos + t
-
-        # Only the rows we return go through the final layernorm and the LM head
-        # (the head is the largest matmul: V x C per row).
-        rows = x if all_logits else xp.ascontiguousarray(x.reshape(B, t, C)[:, -1])
-        n = rows.shape[0]
-        lnf = xp.empty((n, C), dtype=act)
-        ops.layernorm_forward(lnf, xp.empty(n, dtype=f32), xp.empty(n, dtype=f32), rows, p.lnfw, p.lnfb)
-        logits = xp.empty((n, cfg.vocab_size), dtype=act)
-        ops.matmul_forward(logits, lnf, p.wte[:cfg.vocab_size], None)
-        return logits.reshape(B, t, cfg.vocab_size) if all_logits else logits
+        # MLP branch: its output was added to the stream, so d(fcproj) = dres
+        # ... and through the GELU in the same op: d4C = (dres @ fcprojw) * gelu'(fch)
+        ops.matmul_backward(a.d4C, g.fcprojw[l], g.fcprojb[l], dres, a.fch_gelu[l], p.fcprojw[l], acc=acc,
+                            gelu_inp=a.fch[l], gelu_scratch=a.scratch4C)
+        ops.matmul_backward(a.dC, g.fcw[l], g.fcb[l], a.d4C, a.ln2[l], p.fcw[l], acc=acc)
+        ops.layernorm_backward(dres, g.ln2w[l], g.ln2b[l], a.dC, a.residual2[l], p.ln2w[l],
+                               a.ln2_mean[l], a.ln2_rstd[l], a.ln_scratch, acc=acc)
+        # attention branch: d(attproj) = dres again
+        ops.matmul_backward(a.dC, g.attprojw[l], g.attprojb[l], dres, a.atty[l], p.attprojw[l], acc=acc)
+        ops.attention_backward(a.dqkv.reshape(B, T, 3 * C), a.dC.reshape(B, T, C),
+                               a.qkv[l].reshape(B, T, 3 * C), a.att[l], a.datt, NH,
+                               out=a.atty[l].reshape(B, T, C))
+        ops.matmul_backward(a.dC, g.qkvw[l], g.qkvb[l], a.dqkv, a.ln1[l], p.qkvw[l], acc=acc)
+        ops.layernorm_backward(dres, g.ln1w[l], g.ln1b[l], a.dC, x, p.ln1w[l],
+                               a.ln1_mean[l], a.ln1_rstd[l], a.ln_scratch, acc=acc)
 
     # ------------------------------------------------------------------ HF names
 
     def state_dict(self) -> dict:
         """Parameters as NumPy arrays, Hugging Face GPT-2 names and layouts."""
-        return to_hf(self.params, self.config, self.ops)
+        return to_hf(self.ops.to_host(self.params.flat), self.config)
 
     def grads_dict(self) -> dict:
         """Gradients as NumPy arrays, same names and layouts as state_dict()."""
         if self.grads is None:
             raise LlmpyError("grads_dict() needs a backward() first")
-        return to_hf(self.grads, self.config, self.ops)
+        return to_hf(self.ops.to_host(self.grads.flat), self.config)
 
     def load_state_dict(self, sd: dict, source: str = "state dict"):
-        """Copy Hugging Face-named tensors in (see from_hf)."""
+        """Copy Hugging Face-named tensors in (see formats.hf.from_hf)."""
         host = from_hf(sd, self.config, source)
         self.params.flat[:] = self.xp.asarray(host.flat)
         self.params_updated()
 
     def save(self, path, format: str = "hf"):
-        from . import checkpoint
-        checkpoint.save_model(self, path, format=format)
-
-
-# ---------------------------------------------------------------------- KV cache
-# Why a cache: to sample token n+1, forward() recomputes all n positions, but
-# with causal attention the keys and values of positions < n never change once
-# computed (position s only sees positions <= s). Keeping them per layer turns
-# each new token into O(n) attention work plus one row of every matmul, instead
-# of n rows. Memory: 2 x L x B x NH x max_T x hs floats = 2 L B max_T C.
-#
-# The cache cannot slide. GPT-2's positions are absolute (wpe), so when the
-# context outgrows block_size and the window moves by one, every position in
-# it changes and so does every key and value: the cache must be refilled from
-# the window (sample.py does this).
-
-class KVCache:
-    """Keys and values of the positions seen so far: k, v (L, B, NH, max_T, hs)."""
-
-    def __init__(self, cfg: GPTConfig, B: int, max_T: int, xp, dtype=np.float32):
-        hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, B, cfg.n_head, max_T, hs)
-        self.k = xp.zeros(shape, dtype=dtype)
-        self.v = xp.zeros(shape, dtype=dtype)
-        self.B, self.max_T = B, max_T
-        self.pos = 0                 # positions filled: the next token's position
-
-    def reset(self):
-        """Forget everything (the arrays are reused)."""
-        self.pos = 0
-
-
-# ---------------------------------------------------------------------- HF layout
-# HF's GPT-2 uses Conv1D layers that store W^T (in, out); we store W (out, in).
-
-def _hf_names(cfg: GPTConfig):
-    """(hf name, our tensor, layer or None, transposed?) for every tensor."""
-    out = [("transformer.wte.weight", "wte", None, False),
-           ("transformer.wpe.weight", "wpe", None, False)]
-    for l in range(cfg.n_layer):
-        h = f"transformer.h.{l}."
-        out += [(h + "ln_1.weight", "ln1w", l, False), (h + "ln_1.bias", "ln1b", l, False),
-                (h + "attn.c_attn.weight", "qkvw", l, True), (h + "attn.c_attn.bias", "qkvb", l, False),
-                (h + "attn.c_proj.weight", "attprojw", l, True), (h + "attn.c_proj.bias", "attprojb", l, False),
-                (h + "ln_2.weight", "ln2w", l, False), (h + "ln_2.bias", "ln2b", l, False),
-                (h + "mlp.c_fc.weight", "fcw", l, True), (h + "mlp.c_fc.bias", "fcb", l, False),
-                (h + "mlp.c_proj.weight", "fcprojw", l, True), (h + "mlp.c_proj.bias", "fcprojb", l, False)]
-    out += [("transformer.ln_f.weight", "lnfw", None, False), ("transformer.ln_f.bias", "lnfb", None, False)]
-    return out
-
-
-def to_hf(tensors: FlatTensors, cfg: GPTConfig, ops) -> dict:
-    flat = tensors.flat if ops.xp is np else ops.xp.asnumpy(tensors.flat)
-    host = FlatTensors(list(tensors.shapes.items()), np, flat=np.asarray(flat, dtype=np.float32))
-    sd = {}
-    for hf, ours, layer, transposed in _hf_names(cfg):
-        t = host.views[ours] if layer is None else host.views[ours][layer]
-        if ours == "wte":
-            t = t[:cfg.vocab_size]
-        sd[hf] = np.ascontiguousarray(t.T if transposed else t)
-    return sd
-
-
-def from_hf(sd: dict, cfg: GPTConfig, source: str = "state dict") -> FlatTensors:
-    """Hugging Face-named tensors -> a host FlatTensors. Accepts names with or
-    without the `transformer.` prefix; ignores HF's non-parameter buffers
-    (attn.bias, attn.masked_bias) and the tied lm_head.weight."""
-    sd = {(k if k.startswith("transformer.") or k.startswith("lm_head") else "transformer." + k): v
-          for k, v in sd.items()}
-    host = FlatTensors(parameter_shapes(cfg), np)
-    for hf, ours, layer, transposed in _hf_names(cfg):
-        if hf not in sd:
-            raise LlmpyError(f"{source}: missing tensor {hf!r}; is this a GPT-2 checkpoint of this shape?")
-        t = np.asarray(sd[hf])
-        dst = host.views[ours] if layer is None else host.views[ours][layer]
-        if ours == "wte":
-            dst = dst[:cfg.vocab_size]
-        want = dst.T.shape if transposed else dst.shape
-        if tuple(t.shape) != tuple(want):
-            raise LlmpyError(f"{source}: tensor {hf!r} has shape {tuple(t.shape)}, expected {tuple(want)} "
-                             "for this config")
-        dst[...] = t.T if transposed else t
-    return host
+        """Write the model: a Hugging Face directory, or an llm.c file (format="llmc")."""
+        formats.save_model(self, path, format=format)

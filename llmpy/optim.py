@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import LlmpyError
-from .model import DECAYED
 
 CHUNK = 1 << 17          # 128K floats = 512 KB per array (measured best: fewer Python calls, still cache-resident)
 
 
 class AdamW:
     """AdamW (decoupled weight decay, as torch.optim.AdamW) on a model's flat buffers.
-    Weight decay applies to the 2-D weight matrices only (model.DECAYED).
+    Weight decay applies to the tensors the model names in model.decayed
+    (GPT-2: the 2-D weight matrices).
 
     shard=(start, stop) updates only that slice of the flat buffer and keeps m
     and v for it alone (ZeRO stage 1: each rank owns one slice, see dist.py);
@@ -28,10 +28,10 @@ class AdamW:
     cut at the slice's ends, so a slice that starts inside a weight matrix
     still decays exactly the values it would decay unsharded."""
 
-    def __init__(self, model, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, threads=None, shard=None):
+    def __init__(self, model, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, threads=None, shard=None):
         self.model = model
         self.ops = model.ops
-        self.lr, self.beta1, self.beta2, self.eps, self.weight_decay = lr, betas[0], betas[1], eps, weight_decay
+        self.beta1, self.beta2, self.eps, self.weight_decay = betas[0], betas[1], eps, weight_decay
         n = model.params.flat.size
         self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         lo, hi = (0, n) if shard is None else self.shard
@@ -41,14 +41,13 @@ class AdamW:
         xp = model.xp
         self.m = xp.zeros(hi - lo, dtype=np.float32)
         self.v = xp.zeros(hi - lo, dtype=np.float32)
-        self.step_count = 0
         # contiguous runs of the (owned part of the) flat buffer with the same decay setting
         self.segments = []
         for name, start, stop in model.params.segments():
             start, stop = max(start, lo), min(stop, hi)
             if start >= stop:
                 continue
-            decay = name in DECAYED
+            decay = name in model.decayed
             if self.segments and self.segments[-1][2] == decay and self.segments[-1][1] == start:
                 self.segments[-1] = (self.segments[-1][0], stop, decay)
             else:
@@ -62,21 +61,23 @@ class AdamW:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and xp is np else None
         self._scratch = [np.empty((2, CHUNK), dtype=np.float32) for _ in range(self.threads)]
 
-    def step(self, lr=None, grad_scale: float = 1.0, sumsq=None, max_norm: float = -1.0, upload: bool = True):
-        """One update of model.params from grad_scale * model.grads, in place.
-        (Gradient clipping passes its factor here instead of rescaling the
-        gradients in a separate pass over memory.)
+    def step(self, lr: float, t: int, grad_scale: float = 1.0, sumsq=None, max_norm: float = -1.0,
+             upload: bool = True):
+        """Update number t (1, 2, ...: it sets Adam's bias corrections
+        1 - beta^t) of model.params from grad_scale * model.grads, in place,
+        with learning rate lr. (Gradient clipping passes its factor here
+        instead of rescaling the gradients in a separate pass over memory.)
 
         GPU only: sumsq, a device array holding the gradients' sum of squares,
         with max_norm >= 0 moves the clipping into the update kernel (and
         skips the update if the norm is not finite), so that the step never
         waits for the norm on the host; upload=False while a CUDA graph is
         being captured (prepare_replay then supplies the values per step;
-        see graph_step.py)."""
+        see step.DeviceStep)."""
         if self.model.grads is None:
             raise LlmpyError("AdamW.step() needs gradients: call model.backward() first")
-        self.step_count += 1
-        lr = self.lr if lr is None else lr
+        if t < 1:
+            raise ValueError(f"AdamW.step: t counts updates from 1, got {t}")
         p, g = self.model.params.flat, self.model.grads.flat
         ops, o = self.ops, self.offset
 
@@ -90,7 +91,7 @@ class AdamW:
                 # forward pass reads (model.compute_params) from the new fp32 ones
                 copy = self.model.compute_params.flat
                 ops.adamw_step_flat(p[o:hi], g[o:hi], self.m, self.v, segments, lr, self.beta1, self.beta2,
-                                    self.eps, self.weight_decay, self.step_count, grad_scale,
+                                    self.eps, self.weight_decay, t, grad_scale,
                                     param_copy=None if copy is p else copy[o:hi], sumsq=sumsq, max_norm=max_norm,
                                     upload_hyper=upload)
             return
@@ -101,7 +102,7 @@ class AdamW:
             scratch = self._scratch[i]
             for s, e, decay in self.chunks[i::self.threads]:
                 ops.adamw_update(p[s:e], g[s:e], self.m[s - o:e - o], self.v[s - o:e - o], lr, self.beta1, self.beta2,
-                                 self.eps, self.weight_decay if decay else 0.0, self.step_count, scratch,
+                                 self.eps, self.weight_decay if decay else 0.0, t, scratch,
                                  grad_scale)
 
         if self._pool is None:
@@ -109,20 +110,17 @@ class AdamW:
         else:
             list(self._pool.map(work, range(self.threads)))
 
-    def prepare_replay(self, lr, max_norm: float):
-        """Count one more step and write its hyperparameters where a captured
-        AdamW kernel reads them (GPU; graph_step.py)."""
-        self.step_count += 1
-        wd = self.weight_decay
-        self.ops.adamw_hyper(lr, self.beta1, self.beta2, self.eps, wd, self.step_count, 1.0, max_norm)
+    def prepare_replay(self, lr: float, t: int, max_norm: float):
+        """Write update t's hyperparameters where a captured AdamW kernel
+        reads them (GPU; see step.DeviceStep)."""
+        self.ops.adamw_hyper(lr, self.beta1, self.beta2, self.eps, self.weight_decay, t, 1.0, max_norm)
 
     def state_dict(self):
-        return {"m": self.m, "v": self.v, "step": self.step_count}
+        return {"m": self.m, "v": self.v}
 
     def load_state_dict(self, d):
         self.m[:] = d["m"]
         self.v[:] = d["v"]
-        self.step_count = int(d["step"])
 
 
 def _num_threads():
@@ -150,20 +148,9 @@ def clip_scale(norm: float, max_norm: float) -> float:
     return 1.0
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Scale the gradients in place so their global norm is at most max_norm;
-    returns the norm before clipping. (The training loop instead hands
-    clip_scale() to AdamW.step, saving a pass over the gradients.)"""
-    norm = global_norm(model)
-    scale = clip_scale(norm, max_norm)
-    if scale != 1.0:
-        model.grads.flat *= np.float32(scale)
-    return norm
-
-
 def lr_at(step: int, max_lr: float, total_steps: int, warmup_steps: int = 0,
           schedule: str = "cosine", min_lr_frac: float = 0.1) -> float:
-    """Learning rate for the 0-based optimizer step: linear warmup over
+    """Learning rate for the 0-based optimizer step (schedules: config.LR_SCHEDULES): linear warmup over
     warmup_steps, then cosine or linear decay to min_lr_frac * max_lr at the
     last step, or constant."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -177,4 +164,4 @@ def lr_at(step: int, max_lr: float, total_steps: int, warmup_steps: int = 0,
         return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * frac))
     if schedule == "linear":
         return max_lr - (max_lr - min_lr) * frac
-    raise LlmpyError(f"unknown lr schedule {schedule!r}; use cosine, linear or constant")
+    raise ValueError(f"unknown lr schedule {schedule!r}")      # TrainConfig.check() names the choices

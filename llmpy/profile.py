@@ -4,8 +4,9 @@
         ...run some steps...
     print(timer.table())
 
-Every function of the backend module (the op contract, plus the optimizer
-pieces) is wrapped while the `with` block runs. On the GPU each call is
+Every op of the contract that does device work (llmpy/ops/contract.py:
+the layers, fused ones included, and each backend's optimizer pieces) is
+wrapped on the backend module while the `with` block runs. On the GPU each call is
 bracketed by two CUDA events recorded on the current stream: the GPU time
 between them is the op's, measured without stopping the stream (the events
 are read once, at the end). On the CPU it is the wall clock around the call.
@@ -23,10 +24,9 @@ import threading
 import time
 from collections import defaultdict
 
-OPS = ("encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward", "matmul_forward",
-       "matmul_backward", "attention_forward", "attention_backward", "gelu_forward", "gelu_backward",
-       "residual_forward", "crossentropy_forward", "crossentropy_backward", "sum_of_squares",
-       "sum_of_squares_into", "adamw_step_flat", "adamw_update")
+from .ops import contract
+
+OPS = contract.timed_ops()      # what a backend may have to time (a backend lacking one is skipped)
 
 
 class OpTimer:

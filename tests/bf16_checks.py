@@ -94,7 +94,7 @@ def step_tracks_fp32(xp):
         _, loss = model.forward(x, y)
         model.backward()
         grads = model.grads_dict()
-        opt.step(lr=1e-2)
+        opt.step(1e-2, 1)
         out.append((loss, grads))
     (l32, g32), (l16, g16) = out
     assert abs(l16 - l32) <= 1e-2 * l32
@@ -156,11 +156,11 @@ def loss_tracks_fp32(xp, steps):
         model = GPT(cfg, device="cuda", seed=0, dtype=dtype)
         opt = AdamW(model, weight_decay=0.1)
         losses[dtype] = []
-        for x, y in batches:
+        for t, (x, y) in enumerate(batches, start=1):
             model.zero_grad()
             _, loss = model.forward(x, y)
             model.backward()
-            opt.step(lr=3e-3, grad_scale=clip_scale(global_norm(model), 1.0))
+            opt.step(3e-3, t, grad_scale=clip_scale(global_norm(model), 1.0))
             losses[dtype].append(loss)
     l32, l16 = np.array(losses["fp32"]), np.array(losses["bf16"])
     assert l32[-1] < 0.5 * l32[0]                          # it learned the rule

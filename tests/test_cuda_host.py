@@ -1,8 +1,9 @@
-"""The CUDA backend (llmpy/ops/cuda.py and its kernels), run on the CPU.
+"""The CUDA backend (the llmpy/ops/cuda package and its kernels), run on the CPU.
 
-Without a GPU, everything but the GPU itself can still run: here cuda.py runs
-with NumPy standing in for CuPy's arrays, np.matmul for cuBLAS, and the real
-kernels/*.cu files compiled for the CPU by cudasim (tests/cudasim: every
+Without a GPU, everything but the GPU itself can still run: here the backend
+runs with NumPy standing in for CuPy's arrays, np.matmul for cuBLAS, and the
+real llmpy/ops/cuda/*.cu files compiled for the CPU by cudasim, with the
+options NVRTC gets (llmpy/ops/cuda_build.py) (tests/cudasim: every
 CUDA thread a fiber, barriers and warp shuffles honoured, threads between
 barriers run in a shuffled order so a race shows, writes out of bounds
 caught). Every launch is first checked against the kernel's `extern "C"`
@@ -17,6 +18,8 @@ tests/test_cuda_ops.py, marked gpu.
 
 CuPy need not be installed: where it is missing, a stand-in module is put
 in its place while llmpy.ops.cuda is imported (and both are removed again).
+The backend's state (its CuPy, its matmul and attention libraries, its
+caches) is replaced module by module in the `cuda` fixture.
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ import math
 import json
 import sys
 import types
-from pathlib import Path
 
 import bf16_checks
 import cudasim
@@ -34,7 +36,7 @@ import numpy as np
 import pytest
 
 from llmpy.config import GPTConfig
-from llmpy.ops import cpu
+from llmpy.ops import cpu, cuda_build
 
 pytestmark = pytest.mark.skipif(cudasim.available() is not None, reason=str(cudasim.available()))
 try:
@@ -43,13 +45,12 @@ try:
     import fake_cudnn_attention
 except ImportError:          # the bf16 tests skip
     ml_dtypes = BF16 = fake_cudnn_attention = None
-KERNELS = Path(__file__).resolve().parent.parent / "llmpy" / "ops" / "kernels"
 
 
 # ---------------------------------------------------------------------------- signatures
 
 def _all_kernels():
-    return "\n".join(cu.read_text() for cu in sorted(KERNELS.glob("*.cu")))
+    return "\n".join(cu.read_text() for cu in cuda_build.cu_files())
 
 
 SIGS = {name: [t.replace("const ", "").strip() for t in sig]
@@ -63,7 +64,7 @@ WARP_KERNELS = {"accumulate_sum", "layernorm_forward", "residual_layernorm_forwa
 
 
 def _check_launch(name, grid, block, args, bf16=False):
-    assert name in SIGS, f"no extern \"C\" kernel {name} in kernels/*.cu"
+    assert name in SIGS, f"no extern \"C\" kernel {name} in llmpy/ops/cuda/*.cu"
     sig = SIGS[name]
     assert len(args) == len(sig), f"{name}: {len(args)} arguments for {len(sig)} parameters {sig}"
     for i, (ctype, a) in enumerate(zip(sig, args)):
@@ -83,15 +84,6 @@ def _check_launch(name, grid, block, args, bf16=False):
 
 # ---------------------------------------------------------------------------- the backend on NumPy
 
-def _numpy_as_cupy():
-    """A module that answers the CuPy calls cuda.py makes, with NumPy."""
-    fake = types.ModuleType("cupy")
-    fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
-                                      runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-    return fake
-
-
 class _CheckedModule:
     """cupy.RawModule as cudasim runs it, with every launch checked against
     the kernel's C signature first."""
@@ -101,7 +93,7 @@ class _CheckedModule:
         self.bf16 = "-DLLMPY_BF16" in options
 
     def get_function(self, name):
-        assert name in SIGS, f'no extern "C" kernel {name} in kernels/*.cu'
+        assert name in SIGS, f'no extern "C" kernel {name} in llmpy/ops/cuda/*.cu'
         kernel = self.sim.get_function(name)
 
         def launch(grid, block, args, shared_mem=0):
@@ -111,11 +103,12 @@ class _CheckedModule:
 
 
 def _numpy_as_cupy():
-    """A module that answers the CuPy calls cuda.py makes, with NumPy (and
-    cudasim for RawModule)."""
+    """A module that answers the CuPy calls the backend makes, with NumPy (and
+    cudasim for RawModule); its one stream is the null stream, 0."""
     fake = types.ModuleType("cupy")
     fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None),
+    stream = types.SimpleNamespace(synchronize=lambda: None, ptr=0)
+    fake.cuda = types.SimpleNamespace(get_current_stream=lambda: stream,
                                       runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     fake.RawModule = _CheckedModule
     fake.asnumpy = np.asarray
@@ -130,13 +123,14 @@ def cuda(monkeypatch, request):
     import llmpy.ops
     fake_cupy = _numpy_as_cupy()
     try:
-        import cupy  # noqa: F401  (installed: cuda.py imports as it is, without a GPU)
+        import cupy  # noqa: F401  (installed: the backend imports as it is, without a GPU)
         cuda_mod, imported_here = importlib.import_module("llmpy.ops.cuda"), False
     except ImportError:
         with monkeypatch.context() as m:
             m.setitem(sys.modules, "cupy", fake_cupy)
             cuda_mod, imported_here = importlib.import_module("llmpy.ops.cuda"), True
     monkeypatch.setattr(llmpy.ops, "cuda", cuda_mod, raising=False)   # what get_backend("cuda") returns
+    submodules = {n: m for n, m in sys.modules.items() if n.startswith("llmpy.ops.cuda.")}
 
     def gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
         # cuBLAS's contract: float32 products and sums whatever the storage,
@@ -146,20 +140,22 @@ def cuda(monkeypatch, request):
         out[...] = alpha * (A @ B) + (beta * out.astype(np.float32) if beta else 0.0)
         return out
 
-    monkeypatch.setattr(cuda_mod, "cupy", fake_cupy)
+    for mod in (cuda_mod, *submodules.values()):       # every module that calls CuPy
+        if hasattr(mod, "cupy"):
+            monkeypatch.setattr(mod, "cupy", fake_cupy)
     monkeypatch.setattr(cuda_mod, "xp", np)
-    monkeypatch.setattr(cuda_mod, "_modules", {})
-    monkeypatch.setattr(cuda_mod, "_gemm", gemm)
-    monkeypatch.setattr(cuda_mod, "_segment_tables", {})
-    monkeypatch.setattr(cuda_mod, "_lt", fake_cublaslt if request.param == "cublaslt" else None)
-    monkeypatch.setattr(cuda_mod, "_ptr", lambda a: a.ctypes.data)
-    monkeypatch.setattr(cuda_mod, "_stream", lambda: 0)
-    monkeypatch.setattr(cuda_mod, "_scratch_buf", {})
-    monkeypatch.setattr(cuda_mod, "_cudnn_att", fake_cudnn_attention if BF16 is not None else None)
-    monkeypatch.setattr(cuda_mod, "_cudnn_verdicts", {})
+    monkeypatch.setattr(cuda_mod.runtime, "_modules", {})
+    monkeypatch.setattr(cuda_mod.runtime, "_kernels", {})
+    monkeypatch.setattr(cuda_mod.runtime, "_scratch_buf", {})
+    monkeypatch.setattr(cuda_mod.matmul, "_gemm", gemm)
+    monkeypatch.setattr(cuda_mod.matmul, "lt", fake_cublaslt if request.param == "cublaslt" else None)
+    monkeypatch.setattr(cuda_mod.optimizer, "_segment_tables", {})
+    monkeypatch.setattr(cuda_mod.attention, "cudnn", fake_cudnn_attention if BF16 is not None else None)
+    monkeypatch.setattr(cuda_mod.attention, "_cudnn_verdicts", {})
     yield cuda_mod
     if imported_here:   # imported against the stand-in: forget it, so nothing else sees it
-        sys.modules.pop("llmpy.ops.cuda", None)
+        for n in ("llmpy.ops.cuda", *submodules):
+            sys.modules.pop(n, None)
 
 
 def rel_err(a, b):
@@ -246,7 +242,7 @@ def test_matmul_ops_match_cpu(cuda, gelu, acc):
     cuda.matmul_backward(*got, dout, inp, w, **kw())
     for name, g, c in zip(("dinp", "dweight", "dbias"), got, ref):
         assert rel_err(g, c) <= 1e-5, name
-    if cuda._lt is not None:                      # the fused epilogues really ran
+    if cuda.matmul.lt is not None:                # the fused epilogues really ran
         kinds = {e for e, *_ in fake_cublaslt.calls[-3:]}
         assert ("gelu_aux_bias" in kinds and "dgelu" in kinds) == gelu
 
@@ -265,12 +261,12 @@ def test_training_step_matches_cpu(cuda, shard):
         assert model.ops is (cuda if device == "cuda" else cpu)
         opt = AdamW(model, weight_decay=0.1, shard=shard)
         out = []
-        for _ in range(2):
+        for t in (1, 2):
             model.zero_grad()
             _, loss = model.forward(ids, targets)
             model.backward()
             norm = global_norm(model)
-            opt.step(lr=1e-3, grad_scale=0.5)
+            opt.step(1e-3, t, grad_scale=0.5)
             out.append((loss, norm))
         results.append((out, model.grads_dict(), model.state_dict()))
     (c_out, c_g, c_p), (g_out, g_g, g_p) = results
@@ -292,14 +288,15 @@ def test_forward_cached(cuda, dtype):
     # two round differently (cached attention runs in float32), so 2e-2
     if dtype == "bf16" and BF16 is None:
         pytest.skip("bf16 needs ml_dtypes")
+    from llmpy.inference import KVCache, forward_cached
     from llmpy.model import GPT
     cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
     model = GPT(cfg, device="cuda", seed=4, dtype=dtype)
     ids = np.random.default_rng(2).integers(0, 200, (1, 10))
     full = model.forward(ids)[0].astype(np.float32)
-    cache = model.new_kv_cache(B=1)
-    first = model.forward_cached(ids[:, :6], cache, all_logits=True).astype(np.float32)
-    nxt = model.forward_cached(ids[:, 6:7], cache).astype(np.float32)
+    cache = KVCache(model, B=1)
+    first = forward_cached(model, ids[:, :6], cache, all_logits=True).astype(np.float32)
+    nxt = forward_cached(model, ids[:, 6:7], cache).astype(np.float32)
     tol = 1e-5 if dtype == "fp32" else 2e-2
     assert rel_err(first, full[:, :6]) <= tol
     assert rel_err(nxt, full[:, 6]) <= tol
@@ -349,7 +346,7 @@ def test_train_cli_on_the_cuda_backend(cuda, tmp_path, capsys):
             "--checkpoint-every", "2", "--steps", "4", "--no-progress", "--out", str(tmp_path / "run")]
     assert main(args + ["--stop-at", "2"]) == 0
     assert main(args + ["--resume"]) == 0
-    assert ("classifier.cu", True) in cuda._modules        # the bf16 kernels did the work
+    assert ("classifier.cu", True) in cuda.runtime._modules    # the bf16 kernels did the work
     assert "backward" in fake_cudnn_attention.calls         # and attention took the flash route
     out = capsys.readouterr().out
     assert "sample after 4 steps" in out
@@ -365,11 +362,11 @@ def test_train_cli_on_the_cuda_backend(cuda, tmp_path, capsys):
 
 @pytest.mark.parametrize("clip", [1.0, 0.0])
 def test_device_step_matches_the_plain_step(cuda, clip):
-    # graph_step.DeviceStep (no host sync: sort of the ids on the host, norm
+    # step.DeviceStep (no host sync: sort of the ids on the host, norm
     # and clipping on the device, hyperparameters from a device buffer) runs
     # eagerly here; it must do what forward / backward / global_norm /
     # AdamW.step(grad_scale=clip_scale(...)) do.
-    from llmpy.graph_step import DeviceStep
+    from llmpy.step import DeviceStep
     from llmpy.model import GPT
     from llmpy.optim import AdamW, clip_scale, global_norm
     cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
@@ -384,10 +381,9 @@ def test_device_step_matches_the_plain_step(cuda, clip):
         _, loss_p = plain.forward(x, y)
         plain.backward()
         norm_p = global_norm(plain)
-        opt_p.step(lr, grad_scale=clip_scale(norm_p, clip))
-        loss_f, norm_f = step((x, y), lr)
+        opt_p.step(lr, i + 1, grad_scale=clip_scale(norm_p, clip))
+        loss_f, norm_f, _ = step((x, y), lr, i + 1)
         assert abs(loss_f - loss_p) <= 1e-6 * loss_p and abs(norm_f - norm_p) <= 1e-6 * norm_p
-    assert opt_f.step_count == opt_p.step_count == 3
     # Without clipping the same arithmetic in the same order: the same bits.
     # With it, the factor max_norm / (norm + 1e-6) is float32 on the device
     # and float64 on the host: a few ulp apart, which AdamW carries along.
@@ -399,7 +395,7 @@ def test_device_step_matches_the_plain_step(cuda, clip):
 def test_device_step_accumulates_like_the_plain_loop(cuda):
     # three micro-batches per step: the device-side loss sum and gradient
     # accumulation against train.py's plain loop (forward, backward(1/3) x 3)
-    from llmpy.graph_step import DeviceStep
+    from llmpy.step import DeviceStep
     from llmpy.model import GPT
     from llmpy.optim import AdamW, clip_scale, global_norm
     cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
@@ -408,7 +404,7 @@ def test_device_step_accumulates_like_the_plain_loop(cuda):
     plain, fast = GPT(cfg, device="cuda", seed=3), GPT(cfg, device="cuda", seed=3)
     opt_p, opt_f = AdamW(plain), AdamW(fast)
     step = DeviceStep(fast, opt_f, 2, 16, grad_clip=0.0, accum=3)
-    for batches in steps:
+    for t, batches in enumerate(steps, start=1):
         plain.zero_grad()
         loss_p = 0.0
         for x, y in batches:
@@ -416,16 +412,16 @@ def test_device_step_accumulates_like_the_plain_loop(cuda):
             plain.backward(loss_scale=1 / 3)
             loss_p += micro / 3
         norm_p = global_norm(plain)
-        opt_p.step(1e-2, grad_scale=clip_scale(norm_p, 0.0))
-        loss_f, norm_f = step(batches, 1e-2)
+        opt_p.step(1e-2, t, grad_scale=clip_scale(norm_p, 0.0))
+        loss_f, norm_f, _ = step(batches, 1e-2, t)
         assert abs(loss_f - loss_p) <= 1e-6 * loss_p and abs(norm_f - norm_p) <= 1e-6 * norm_p
     assert rel_err(fast.params.flat, plain.params.flat) <= 1e-6
     with pytest.raises(ValueError, match="micro-batches"):
-        step(steps[0][:2], 1e-2)
+        step(steps[0][:2], 1e-2, 3)
 
 
 def test_device_step_skips_a_nonfinite_update(cuda):
-    from llmpy.graph_step import DeviceStep
+    from llmpy.step import DeviceStep
     from llmpy.model import GPT
     from llmpy.optim import AdamW
     cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
@@ -434,8 +430,8 @@ def test_device_step_skips_a_nonfinite_update(cuda):
     model.params.lnfw[0] = np.inf                     # the forward pass turns it into NaNs
     before = model.params.flat.copy()
     x = np.random.default_rng(0).integers(0, 200, (2, 8))
-    loss, norm = DeviceStep(model, opt, 2, 8, grad_clip=1.0)((x, x), 1e-3)
-    assert not math.isfinite(norm)
+    loss, norm, applied = DeviceStep(model, opt, 2, 8, grad_clip=1.0)((x, x), 1e-3, 1)
+    assert not math.isfinite(norm) and not applied
     np.testing.assert_array_equal(model.params.flat, before)        # no update reached the weights
     assert not np.any(opt.m) and not np.any(opt.v)                  # nor m and v
 

@@ -323,7 +323,9 @@ def test_adamw_update(cuda, cp, wd, grad_scale):
     for step in range(1, 4):
         grad = rnd(rng, n)
         cpu.adamw_update(p, grad, m, v, 1e-3, 0.9, 0.95, 1e-8, wd, step, scratch, grad_scale)
-        cuda.adamw_update(g_p, cp.asarray(grad), g_m, g_v, 1e-3, 0.9, 0.95, 1e-8, wd, step, None, grad_scale)
+        # the GPU's update takes the whole buffer: here one segment, decayed if wd
+        cuda.adamw_step_flat(g_p, cp.asarray(grad), g_m, g_v, [(0, n, bool(wd))], 1e-3, 0.9, 0.95, 1e-8, wd, step,
+                             grad_scale)
     assert rel_err(g_p, p) <= OP_RTOL
     assert rel_err(g_m, m) <= OP_RTOL
     assert rel_err(g_v, v) <= OP_RTOL
@@ -354,14 +356,14 @@ def _step(device, cfg, ids, targets, steps=2):
     from llmpy.model import GPT
     from llmpy.optim import AdamW, global_norm
     model = GPT(cfg, device=device, seed=1)
-    opt = AdamW(model, lr=1e-3, weight_decay=0.1)
+    opt = AdamW(model, weight_decay=0.1)
     losses, norms = [], []
-    for _ in range(steps):
+    for t in range(1, steps + 1):
         model.zero_grad()
         _, loss = model.forward(ids, targets)
         model.backward()
         norms.append(global_norm(model))
-        opt.step(grad_scale=0.5)
+        opt.step(1e-3, t, grad_scale=0.5)
         losses.append(loss)
     return losses, norms, model.grads_dict(), model.state_dict()
 
@@ -401,15 +403,16 @@ def test_training_step_is_repeatable(cp):
 
 
 def test_forward_cached_matches_forward(cp):
+    from llmpy.inference import KVCache, forward_cached
     from llmpy.model import GPT
     cfg = GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32)
     model = GPT(cfg, device="cuda", seed=2)
     ids = cp.asarray(np.random.default_rng(18).integers(0, cfg.vocab_size, size=(2, 20)))
     logits, _ = model.forward(ids)
     full = logits.get()
-    cache = model.new_kv_cache(B=2)
-    first = model.forward_cached(ids[:, :12], cache, all_logits=True)
-    rest = [model.forward_cached(ids[:, t:t + 1], cache) for t in range(12, 20)]
+    cache = KVCache(model, B=2)
+    first = forward_cached(model, ids[:, :12], cache, all_logits=True)
+    rest = [forward_cached(model, ids[:, t:t + 1], cache) for t in range(12, 20)]
     assert rel_err(first, full[:, :12]) <= OP_RTOL
     assert rel_err(cp.stack(rest, axis=1), full[:, 12:]) <= OP_RTOL
 
@@ -441,12 +444,13 @@ def test_bf16_training_loss_tracks_fp32(cp):
 @pytest.mark.parametrize("B,T,NH,hs", [(2, 37, 4, 16), (4, 1024, 12, 64)])
 def test_attention_cudnn_bf16(cuda, cp, B, T, NH, hs):
     # cuDNN flash attention (bf16) against the fp32 NumPy reference on the
-    # same bf16-exact inputs; and cuda.py's first-use check must accept it.
-    if cuda._cudnn_att is None:
+    # same bf16-exact inputs; and the backend's first-use check must accept it.
+    if cuda.attention.cudnn is None:
         pytest.skip(f"no cuDNN frontend: {cuda.attention_library}")
     import ml_dtypes
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    assert cuda._cudnn_ok(B, NH, T, hs), "cuDNN attention was turned off (see the message above)"
+    assert cuda.attention._cudnn_ok(B, NH, T, hs), "cuDNN attention was turned off (see the message above)"
+    assert cuda.attention_saved(B, NH, T, hs, bf16)[0] == (B, NH, T)     # the model would take the flash path
     rng = np.random.default_rng(21)
     C = NH * hs
     qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32).astype(bf16)
@@ -470,10 +474,10 @@ def test_graph_step_replays_the_eager_step(cp, dtype, accum):
     # DeviceStep captured as a CUDA graph after one eager step, against the
     # same steps run eagerly (capture=False): the same kernels in the same
     # order on the same data, so the same losses, norms and weights.
-    from llmpy.graph_step import DeviceStep
+    from llmpy.step import DeviceStep
     from llmpy.model import GPT
     from llmpy.ops import cuda
-    if cuda._lt is None:
+    if not cuda.capturable:
         pytest.skip(f"capture needs cuBLASLt: {cuda.matmul_library}")
     from llmpy.optim import AdamW
     cfg = GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=4, n_embd=64)
@@ -485,7 +489,7 @@ def test_graph_step_replays_the_eager_step(cp, dtype, accum):
         model = GPT(cfg, device="cuda", seed=5, dtype=dtype)
         step = DeviceStep(model, AdamW(model, weight_decay=0.1), 4, 64, grad_clip=1.0, accum=accum,
                           capture=capture)
-        out = [step(b, 1e-3 * (i + 1)) for i, b in enumerate(batches)]
+        out = [step(b, 1e-3 * (i + 1), i + 1) for i, b in enumerate(batches)]
         if capture:
             want = {"first", "update"} | ({"rest"} if accum > 1 else set())
             assert set(step.graphs) == want, "capture failed (see the message above)"
@@ -495,7 +499,7 @@ def test_graph_step_replays_the_eager_step(cp, dtype, accum):
         assert eager == graph
         assert np.array_equal(w_eager, w_graph)
     else:   # cuDNN's flash-attention backward may sum in a different order each run
-        for (le, ne), (lg, ng) in zip(eager, graph):
+        for (le, ne, _), (lg, ng, _) in zip(eager, graph):
             assert abs(le - lg) <= 1e-2 * le and abs(ne - ng) <= 5e-2 * ne
         assert rel_err(w_graph, w_eager) <= 1e-3
 

@@ -40,24 +40,24 @@ def test_sharded_adamw_equals_the_whole(monkeypatch):
     """Three AdamW slices (cut inside weight matrices, so decay segments are
     split) update exactly what one AdamW over the whole buffer does."""
     model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=16), seed=0)
-    from llmpy.model import parameter_shapes
+    from llmpy.gpt2_layout import parameter_shapes
     from llmpy.tensors import FlatTensors
     model.grads = FlatTensors(parameter_shapes(model.config), np)
     rng = np.random.default_rng(0)
     p0 = model.params.flat.copy()
     n = p0.size
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
-    whole = AdamW(model, lr=1e-2, weight_decay=0.1, threads=1)
-    for g in grads:
+    whole = AdamW(model, weight_decay=0.1, threads=1)
+    for t, g in enumerate(grads, start=1):
         model.grads.flat[:] = g
-        whole.step(grad_scale=0.5)
+        whole.step(1e-2, t, grad_scale=0.5)
     expected = model.params.flat.copy()
     model.params.flat[:] = p0
-    parts = [AdamW(model, lr=1e-2, weight_decay=0.1, threads=1, shard=dist.shard_bounds(n, r, 3)) for r in range(3)]
-    for g in grads:
+    parts = [AdamW(model, weight_decay=0.1, threads=1, shard=dist.shard_bounds(n, r, 3)) for r in range(3)]
+    for t, g in enumerate(grads, start=1):
         model.grads.flat[:] = g
         for opt in parts:
-            opt.step(grad_scale=0.5)
+            opt.step(1e-2, t, grad_scale=0.5)
     assert np.array_equal(model.params.flat, expected)
     assert np.array_equal(np.concatenate([o.m for o in parts]), whole.m)
 

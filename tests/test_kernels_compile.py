@@ -1,11 +1,14 @@
 """Every CUDA kernel file compiles, on a machine without a GPU.
 
-- nvcc: each kernels/*.cu to a cubin for sm_90 (H100), once for fp32 storage
-  and once for bf16 storage (-DLLMPY_BF16), warnings as errors. Skipped only
-  where nvcc is not installed.
-- NVRTC (what llmpy.ops.cuda uses at run time): the exact source that
-  cuda.py hands to cupy.RawModule (header inlined), for sm_90. Skipped where
-  CuPy or the NVRTC library is missing. It compiles without a GPU or driver.
+- nvcc: each llmpy/ops/cuda/*.cu to a cubin for sm_90 (H100), once for fp32
+  storage and once for bf16 storage (-DLLMPY_BF16), warnings as errors, with
+  the -D constants the runtime passes (llmpy/ops/cuda_build.py). Skipped
+  only where nvcc is not installed.
+- NVRTC (what llmpy.ops.cuda uses at run time): the exact source and options
+  that the runtime hands to cupy.RawModule (header inlined), for sm_90.
+  Skipped where CuPy or the NVRTC library is missing. It compiles without a
+  GPU or driver.
+- a kernel file refuses to compile without its -D constants (no silent default).
 - `import llmpy` and the CPU backend never import CuPy.
 """
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parent.parent / "llmpy" / "ops" / "kernels"
-CU_FILES = sorted(KERNELS.glob("*.cu"))
+from llmpy.ops import cuda_build
+
+CU_FILES = cuda_build.cu_files()
 NVCC = shutil.which("nvcc")
 
 
@@ -33,16 +37,32 @@ def test_kernel_files_exist():
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvcc_compiles(cu, bf16):
-    cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-o", "/dev/null", "-Werror=all-warnings", str(cu)]
-    if bf16:
-        cmd.insert(1, "-DLLMPY_BF16")
+    cmd = [NVCC, *cuda_build.options(bf16), "-arch=sm_90", "-cubin", "-o", "/dev/null", "-Werror=all-warnings",
+           str(cu)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("cu", ["layernorm.cu", "matmul.cu", "gelu.cu"])
+def test_constants_must_come_from_python(cu):
+    # without the -D options the file must not compile (an #error), rather
+    # than fall back to a value of its own that could drift from Python's
+    cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-o", "/dev/null", str(cuda_build.KERNEL_DIR / cu)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "cuda_build.py" in r.stdout + r.stderr
+
+
+def test_every_define_is_used():
+    # each shared constant is read by some kernel file (no stale -D)
+    code = "\n".join(cu.read_text() for cu in CU_FILES)
+    for name in cuda_build.DEFINES:
+        assert name in code, name
+
+
 def _nvrtc():
     try:
-        import cupy  # noqa: F401  (cuda.py, whose source we compile, imports it)
+        import cupy  # noqa: F401  (the backend, whose source we compile, imports it)
         from cupy_backends.cuda.libs import nvrtc
         nvrtc.getVersion()            # loads libnvrtc; raises if it is missing
     except Exception as e:
@@ -65,14 +85,13 @@ def _cuda_include():
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_nvrtc_compiles(cu, bf16):
     nvrtc = _nvrtc()
-    from llmpy.ops import cuda   # imports CuPy, which works without a GPU
-    options = ["-std=c++17", "-arch=sm_90"]
+    options = [*cuda_build.options(bf16), "-arch=sm_90"]
     if bf16:
         inc = _cuda_include()
         if inc is None:
             pytest.skip("the bf16 build needs the CUDA headers (cuda_bf16.h); no CUDA toolkit here")
-        options += ["-DLLMPY_BF16", f"-I{inc}"]
-    prog = nvrtc.createProgram(cuda._source(cu.name), cu.name, [], [])
+        options.append(f"-I{inc}")
+    prog = nvrtc.createProgram(cuda_build.source(cu.name), cu.name, [], [])
     try:
         try:
             nvrtc.compileProgram(prog, options)

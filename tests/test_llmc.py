@@ -15,7 +15,7 @@ import pytest
 import llmpy
 from llmpy.cli import main
 from llmpy.errors import LlmpyError
-from llmpy.llmc import bf16_bits_to_fp32, fp32_to_bf16_bits, read_tokenizer, write_tokenizer, write_tokenizer_from
+from llmpy.formats.llmc import bf16_bits_to_fp32, fp32_to_bf16_bits, read_tokenizer, write_tokenizer, write_tokenizer_from
 
 
 def spec_shapes(maxT, V, Vp, L, C):
@@ -104,7 +104,7 @@ def test_written_file_parses_by_the_spec(tmp_path, dtype):
     model = llmpy.GPT(cfg, seed=3)
     model.params.flat[:] = np.random.default_rng(1).standard_normal(model.params.flat.size)
     model.save(tmp_path / "m.bin", format="llmc") if dtype == "fp32" else \
-        llmpy.checkpoint.save_model(model, tmp_path / "m.bin", format="llmc", dtype="bf16")
+        llmpy.formats.save_model(model, tmp_path / "m.bin", format="llmc", dtype="bf16")
     header, tensors = parse_reference_model(tmp_path / "m.bin")
     assert header == (20240326, 3 if dtype == "fp32" else 5, 16, 100, 2, 2, 32, 128)
     for name, t in tensors.items():
@@ -135,7 +135,7 @@ def test_bf16_rounds_to_nearest_even():
 
 def test_other_padding_is_repadded(tmp_path):
     ref = write_reference_model(tmp_path / "m.bin", 8, 100, 104, 1, 2, 16, 3, np.random.default_rng(2))
-    cfg, flat = llmpy.llmc.read_model(tmp_path / "m.bin")
+    cfg, flat = llmpy.formats.llmc.read_model(tmp_path / "m.bin")
     model = llmpy.load(tmp_path / "m.bin")
     assert cfg == model.config and flat.size == model.params.flat.size
     assert model.params.views["wte"].shape == (128, 16)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import llmpy.train
+import llmpy.step
 from llmpy.cli import main
 from llmpy.config import GPTConfig
 from llmpy.data.prepare import prepare_pydoc
@@ -54,14 +54,14 @@ def test_skip_nonfinite_never_checkpoints_nonfinite_weights(data, tmp_path, caps
 
 def test_skip_nonfinite_skips_a_bad_gradient_and_goes_on(data, tmp_path, capsys, monkeypatch):
     root, d = data
-    real = llmpy.train.global_norm
+    real = llmpy.step.global_norm
     calls = []
 
     def inf_at_step_2(model):
         calls.append(1)
         return float("inf") if len(calls) == 2 else real(model)
 
-    monkeypatch.setattr(llmpy.train, "global_norm", inf_at_step_2)
+    monkeypatch.setattr(llmpy.step, "global_norm", inf_at_step_2)
     model = tiny(tmp_path / "ok")
     assert main(args(model, d, tmp_path / "stop")) == 2
     assert "step 2: the gradient norm is inf" in capsys.readouterr().err

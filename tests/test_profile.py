@@ -15,18 +15,22 @@ def test_op_timer_counts_every_op_of_a_step():
     opt = AdamW(model, threads=1)
     x = np.random.default_rng(0).integers(0, 100, (2, 16))
     with OpTimer(model.ops) as timer:
-        for _ in range(2):
+        for t in (1, 2):
             model.zero_grad()
             model.forward(x, x)
             model.backward()
-            opt.step()
+            opt.step(6e-4, t)
     assert cpu.matmul_forward.__name__ == "matmul_forward"          # unwrapped again
     totals = timer.totals()
     L = cfg.n_layer
-    # per step: 4 matmuls a layer + the LM head; 2 layernorms a layer + the final one
+    # per step: 4 matmuls a layer + the LM head; 2 layernorms a layer + the
+    # final one, of which all but layer 0's ln1 are fused with the residual
+    # add before them (the fused op is timed, and the layernorm inside it not again)
     assert totals["matmul_forward"][0] == 2 * (4 * L + 1)
     assert totals["matmul_backward"][0] == 2 * (4 * L + 1)
-    assert totals["layernorm_forward"][0] == 2 * (2 * L + 1)
+    assert totals["layernorm_forward"][0] == 2 * 1
+    assert totals["residual_layernorm_forward"][0] == 2 * 2 * L
+    assert totals["crossentropy_forward"][0] == 2 and totals["adamw_update"][0] >= 2
     assert totals["attention_backward"][0] == 2 * L
     assert "gelu_forward" not in totals          # called inside the fc matmul only: counted there
     assert all(ms >= 0 for _, ms in totals.values())

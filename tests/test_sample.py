@@ -14,7 +14,7 @@ import pytest
 
 import llmpy
 from llmpy.errors import LlmpyError
-from llmpy.sample import generate, next_token_probs, sample_next
+from llmpy.inference import KVCache, forward_cached, generate, next_token_probs, sample_next
 
 VOCAB = 100
 BLOCK = 32
@@ -58,15 +58,15 @@ def test_cached_logits_match_full_forward(model):
     ids = rng.integers(0, VOCAB, size=(2, 24))
     full, _ = model.forward(ids)
     full = full.copy()
-    cache = model.new_kv_cache(B=2)
-    parts = [model.forward_cached(ids[:, :5], cache, all_logits=True)]
+    cache = KVCache(model, B=2)
+    parts = [forward_cached(model, ids[:, :5], cache, all_logits=True)]
     for t in range(5, 24):
-        parts.append(model.forward_cached(ids[:, t:t + 1], cache, all_logits=True))
+        parts.append(forward_cached(model, ids[:, t:t + 1], cache, all_logits=True))
     assert cache.pos == 24
     assert rel(np.concatenate(parts, axis=1), full) < 1e-5
     for t in (1, 9, 24):
         cache.reset()
-        last = model.forward_cached(ids[:, :t], cache)
+        last = forward_cached(model, ids[:, :t], cache)
         assert last.shape == (2, VOCAB)
         assert rel(last, full[:, t - 1]) < 1e-5
 
@@ -76,18 +76,18 @@ def test_cached_forward_in_chunks(model):
     ids = np.random.default_rng(1).integers(0, VOCAB, size=(1, 20))
     full, _ = model.forward(ids)
     full = full.copy()
-    cache = model.new_kv_cache()
-    parts = [model.forward_cached(ids[:, a:b], cache, all_logits=True) for a, b in ((0, 3), (3, 11), (11, 20))]
+    cache = KVCache(model)
+    parts = [forward_cached(model, ids[:, a:b], cache, all_logits=True) for a, b in ((0, 3), (3, 11), (11, 20))]
     assert rel(np.concatenate(parts, axis=1), full) < 1e-5
 
 
 def test_cache_overflow_is_an_error(model):
-    cache = model.new_kv_cache(max_T=4)
-    model.forward_cached(np.zeros((1, 4), dtype=np.int64), cache)
+    cache = KVCache(model, max_T=4)
+    forward_cached(model, np.zeros((1, 4), dtype=np.int64), cache)
     with pytest.raises(LlmpyError, match="no room"):
-        model.forward_cached(np.zeros((1, 1), dtype=np.int64), cache)
+        forward_cached(model, np.zeros((1, 1), dtype=np.int64), cache)
     with pytest.raises(LlmpyError, match="block_size"):
-        model.new_kv_cache(max_T=BLOCK + 1)
+        KVCache(model, max_T=BLOCK + 1)
 
 
 @pytest.mark.parametrize("prompt_len,n_new", [(1, 20), (6, 20), (20, 30), (40, 8)])

@@ -28,7 +28,6 @@ tests can point every source at a server on 127.0.0.1.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -38,6 +37,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import LlmpyError
+from ..fileio import sha256_file
 
 # name -> (default base URL, environment variable that overrides it)
 _ENDPOINTS = {
@@ -85,14 +85,6 @@ def published_sha256(headers) -> str | None:
             if _SHA256.match(value):
                 return value
     return None
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK * 8):
-            h.update(block)
-    return h.hexdigest()
 
 
 class NotFound(LlmpyError):

@@ -1,7 +1,7 @@
 """Token shard files and the DataLoader that cuts them into training batches.
 
-A shard is llm.c's format, so shards made by llm.c's scripts work here and
-ours work in llm.c:
+A shard is llm.c's format (formats/llmc.py reads and writes its header), so
+shards made by llm.c's scripts work here and ours work in llm.c:
 
     header: 256 x int32, little-endian: [20240520 (magic), 1 (version), ntok, 0, ...]
     body:   ntok x uint16, little-endian: the token ids
@@ -20,11 +20,7 @@ import numpy as np
 
 from ..errors import LlmpyError
 from ..fileio import atomic_file
-
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4   # 1024
+from ..formats.llmc import HEADER_BYTES, read_shard_header, shard_header
 
 _REBUILD = "rebuild it, e.g. re-run `llmpy prepare pydoc`"
 
@@ -45,12 +41,10 @@ def write_shard(path, tokens) -> None:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise LlmpyError(f"write_shard {path}: token ids must lie in [0, 65536) to fit uint16, "
                          f"got range [{tokens.min()}, {tokens.max()}]")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
     body = tokens.astype("<u2")
 
     with atomic_file(path) as f:
-        f.write(header.tobytes())
+        f.write(shard_header(tokens.size))
         f.write(body.tobytes())
 
 
@@ -64,22 +58,7 @@ def read_shard(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise LlmpyError(f"token shard {path} does not exist; {_REBUILD}")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise LlmpyError(f"token shard {path} is {size} bytes, shorter than the "
-                         f"{HEADER_BYTES}-byte header (truncated?); {_REBUILD}")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, ntok = (int(v) for v in header[:3])
-    if magic != MAGIC:
-        raise LlmpyError(f"{path} is not a token shard (magic {magic}, expected {MAGIC}); "
-                         f"{_REBUILD}")
-    if version != VERSION:
-        raise LlmpyError(f"token shard {path} has version {version}, expected {VERSION}; "
-                         f"{_REBUILD}")
-    expected = HEADER_BYTES + 2 * ntok
-    if ntok < 0 or size != expected:
-        raise LlmpyError(f"token shard {path} is {size} bytes but its header says {ntok} tokens "
-                         f"({expected} bytes; truncated or corrupt); {_REBUILD}")
+    ntok = read_shard_header(path, _REBUILD)
     if ntok == 0:    # np.memmap refuses to map zero bytes
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))

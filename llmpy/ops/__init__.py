@@ -1,7 +1,10 @@
-"""Backends: each implements the op contract of DESIGN.md section 2.
+"""Backends: each implements the op contract of llmpy/ops/contract.py (see
+also ARCHITECTURE.md).
 
-`cpu` is NumPy (the fp32 reference); `cuda` is hand-written CUDA kernels plus
-cuBLASLt, imported only when asked for, so a CPU machine never needs CuPy.
+`cpu` is NumPy (the fp32 reference); `cuda` (a package) is hand-written CUDA
+kernels plus cuBLASLt and cuDNN, imported only when asked for, so a CPU
+machine never needs CuPy. `shared` is what both compute the same way;
+`cuda_build` how the kernels are compiled (CuPy-free).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def get_backend(device: str):
         return cpu
     if device == "cuda":
         try:
-            from . import cuda  # noqa: F401  (not written yet on CPU-only sessions)
+            from . import cuda  # noqa: F401  (imports CuPy)
         except ImportError as e:
             raise LlmpyError(f"--device cuda is unavailable: {e}; install the GPU extra "
                              "(pip install 'llmpy[cuda]') on a machine with an NVIDIA GPU") from None

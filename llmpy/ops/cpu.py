@@ -1,9 +1,9 @@
 """NumPy kernels: forward and backward of every GPT-2 layer (the fp32 reference).
 
-Out-parameter style, as in llm.c: every function writes into arrays it is given
-and allocates nothing large, so a training step reuses the same memory.
-
-Gradient conventions (they matter for speed, see model.py):
+The op contract (llmpy/ops/contract.py: every op's signature and math, the
+conventions; ARCHITECTURE.md) written with NumPy. In brief:
+- out-parameter style, as in llm.c: every function writes into arrays it is
+  given and allocates nothing large, so a training step reuses the same memory;
 - parameter gradients (dweight, dbias, dwte, ...) are overwritten when
   `acc=False` and added to when `acc=True` (gradient accumulation);
 - activation gradients are overwritten (`dinp = ...`), except layernorm's,
@@ -19,11 +19,11 @@ import math
 
 import numpy as np
 
+from . import contract, shared
+from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, shared with the kernels)
+
 name = "cpu"
 xp = np                     # the array module of this backend
-LN_EPS = 1e-5               # GPT-2's layer_norm_epsilon
-GELU_S = math.sqrt(2.0 / math.pi)
-GELU_A = 0.044715
 
 
 def storage_dtype(dtype: str):
@@ -42,6 +42,15 @@ def cast(dst, src):
 def zero(x):
     """x[...] = 0."""
     x[...] = 0
+
+
+def to_host(x) -> np.ndarray:
+    """x as a NumPy array (here it already is one)."""
+    return np.asarray(x)
+
+
+def synchronize():
+    """Nothing to wait for: a NumPy op has finished when it returns."""
 
 
 # ----------------------------------------------------------------------------
@@ -155,17 +164,11 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # ----------------------------------------------------------------------------
 # attention: causal multi-head self-attention from the fused qkv projection
 
-def _split_heads(x, B, T, NH):
-    # (B, T, 3C) -> three (B, NH, T, hs) views (no copy: BLAS takes the strides)
-    hs = x.shape[-1] // (3 * NH)
-    x = x.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
-    return x[0], x[1], x[2]
-
-
 def attention_saved(B, NH, T, hs, dtype):
     """Shape and dtype of what attention_forward keeps (`att`: the softmax
-    probabilities) and the shape of the backward's scratch `datt`."""
-    return (B, NH, T, T), dtype, (B, NH, T, T)
+    probabilities; no flash attention here) and the shape of the backward's
+    scratch `datt` (see contract.attention_saved)."""
+    return contract.attention_saved(B, NH, T, hs, dtype, flash=False)
 
 
 def attention_forward(out, att, qkv, n_head):
@@ -173,11 +176,11 @@ def attention_forward(out, att, qkv, n_head):
     # backward pass; qkv (B, T, 3C).
     #   att = softmax(q k^T / sqrt(hs) + causal mask),  out = att v
     B, T, C3 = qkv.shape
-    q, k, v = _split_heads(qkv, B, T, n_head)
+    q, k, v = shared.split_heads(qkv, B, T, n_head)
     hs = C3 // (3 * n_head)
     np.matmul(q, k.swapaxes(-1, -2), out=att)
     att *= 1.0 / math.sqrt(hs)
-    att[..., _upper_triangle(T)] = -np.inf             # token t sees only s <= t
+    att[..., shared.upper_triangle(np, T)] = -np.inf             # token t sees only s <= t
     att -= att.max(axis=-1, keepdims=True)
     np.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
@@ -195,8 +198,8 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     # Masked entries have att = 0, so their dpre is 0: the mask needs no care.
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
-    q, k, v = _split_heads(qkv, B, T, n_head)
-    dq, dk, dv = _split_heads(dqkv, B, T, n_head)
+    q, k, v = shared.split_heads(qkv, B, T, n_head)
+    dq, dk, dv = shared.split_heads(dqkv, B, T, n_head)
     dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     np.matmul(att.swapaxes(-1, -2), dy, out=dv)
     np.matmul(dy, v.swapaxes(-1, -2), out=datt)
@@ -206,15 +209,6 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     datt *= 1.0 / math.sqrt(hs)
     np.matmul(datt, k, out=dq)
     np.matmul(datt.swapaxes(-1, -2), q, out=dk)
-
-
-_MASKS: dict[int, np.ndarray] = {}
-
-
-def _upper_triangle(T):
-    if T not in _MASKS:
-        _MASKS[T] = np.triu(np.ones((T, T), dtype=bool), k=1)
-    return _MASKS[T]
 
 
 # ----------------------------------------------------------------------------
@@ -343,29 +337,8 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, s
 
 
 # ----------------------------------------------------------------------------
-# cached attention (inference only): t new queries against every key so far
-#
-# Incremental decoding keeps each layer's keys and values of all earlier
-# positions (the KV cache, see model.py); a step then computes q, k, v for the
-# t new tokens only. New token i sits at absolute position pos + i and, as in
-# the causal mask of attention_forward, may look at positions 0 .. pos + i:
-#   att = softmax(q K^T / sqrt(hs) + mask),  out = att V
-# where K, V are the cache's first pos + t rows (the new k, v already written).
+# cached attention (inference only): see shared.attention_forward_cached
 
 def attention_forward_cached(out, q, k, v, pos):
     # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); no backward is kept.
-    t, hs = q.shape[-2], q.shape[-1]
-    att = np.matmul(q, k.swapaxes(-1, -2))               # (B, NH, t, S)
-    att *= 1.0 / math.sqrt(hs)
-    if t > 1:
-        # query i may not see key s > pos + i: only the new block is masked
-        att[..., :, pos:] = np.where(_upper_triangle(t), -np.inf, att[..., :, pos:])
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    np.matmul(att, v, out=out)
-
-
-def to_host(x) -> np.ndarray:
-    """x as a NumPy array (here it already is one)."""
-    return np.asarray(x)
+    shared.attention_forward_cached(np, out, q, k, v, pos)

@@ -15,9 +15,11 @@ kernel that writes into a guard zone fails the launch with the argument's
 number. (Arrays passed twice, like an in-place `dinp is dout`, share one
 copy; arrays that overlap in other ways are passed without guards.)
 
-The kernels are the real files from llmpy/ops/kernels, unchanged, so a test
-that compares a kernel's output here with the NumPy reference tests the
-kernel's code. Speed is irrelevant here; keep the shapes small.
+The kernels are the real files from llmpy/ops/cuda, unchanged, compiled with
+the options the runtime gives NVRTC (llmpy/ops/cuda_build.py: the -D
+constants the Python side shares with the kernels reach g++ as they are), so
+a test that compares a kernel's output here with the NumPy reference tests
+the kernel's code. Speed is irrelevant here; keep the shapes small.
 """
 from __future__ import annotations
 

@@ -5,8 +5,12 @@
 // meet with warp shuffles, so no shared memory or block barrier is needed.
 #include "common.cuh"
 
-#define LN_EPS 1e-5f                  // GPT-2's layer_norm_epsilon
-#define LN_ROWS_PER_CHUNK 32          // rows per partial sum of dweight / dbias
+// LN_EPS (GPT-2's layer_norm_epsilon) and LN_ROWS_PER_CHUNK (rows per partial
+// sum of dweight / dbias, which the host's launch grid depends on too) come
+// from Python as -D options (llmpy/ops/cuda_build.py): one definition each.
+#if !defined(LN_EPS) || !defined(LN_ROWS_PER_CHUNK)
+#error "compile with -DLN_EPS=... -DLN_ROWS_PER_CHUNK=... (the options of llmpy/ops/cuda_build.py)"
+#endif
 
 extern "C" __global__ void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp,
                                              const floatX* weight, const floatX* bias, int N, int C) {

@@ -1,5 +1,5 @@
 // matmul.cu: the bias gradient of a matmul, dbias[o] (+)= sum_n dout[n, o].
-// (The products themselves are cuBLASLt's; see ops/cublaslt.py.)
+// (The products themselves are cuBLASLt's; see cublaslt.py beside this file.)
 //
 // A sum down the columns of dout (N, OC), in float32 whatever the storage (N
 // is B * T, tens of thousands: a bf16 running sum would stop growing long
@@ -9,7 +9,11 @@
 // order. Grid of stage 1: (ceil(OC / block), chunks).
 #include "common.cuh"
 
-#define BIAS_ROWS_PER_CHUNK 64
+// BIAS_ROWS_PER_CHUNK comes from Python as a -D option (llmpy/ops/cuda_build.py),
+// so the kernel's chunk and the host's launch grid cannot disagree.
+#ifndef BIAS_ROWS_PER_CHUNK
+#error "compile with -DBIAS_ROWS_PER_CHUNK=... (the options of llmpy/ops/cuda_build.py)"
+#endif
 
 extern "C" __global__ void bias_backward_partial(float* partial, const floatX* dout, int N, int OC) {
     int o = blockIdx.x * blockDim.x + threadIdx.x;

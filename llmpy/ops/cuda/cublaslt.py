@@ -7,7 +7,8 @@ CUDA graph capture requires), and the plan (descriptors and the algorithm
 its heuristic picks) is made once per shape and reused.
 
 The interface is BLAS's, column-major, so that this file is only a careful
-transcription of the C API; cuda.py maps our row-major tensors onto it:
+transcription of the C API; matmul.py and attention.py beside it map our
+row-major tensors onto it:
 
     D (m x n, leading dimension ldd) = op(A) (m x k) @ op(B) (k x n) [+ beta * D]
 

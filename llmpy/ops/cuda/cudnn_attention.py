@@ -16,9 +16,9 @@ permute copies. One graph per shape and direction is built once and cached.
     forward:  out = softmax(q k^T * scale + causal mask) v,  stats (B, NH, T) float32
     backward: dq, dk, dv from q, k, v, out, dout, stats, written into dqkv
 
-Everything here is wrapped by llmpy/ops/cuda.py, which checks the first
-call of each shape against its own kernels and falls back to them (with a
-message) if cuDNN is missing, refuses the graph or disagrees.
+Everything here is wrapped by attention.py beside this file, which checks
+the first call of each shape against its own kernels and falls back to them
+(with a message) if cuDNN is missing, refuses the graph or disagrees.
 """
 from __future__ import annotations
 

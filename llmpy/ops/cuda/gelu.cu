@@ -5,8 +5,12 @@
 // (product rule on x * (1 + tanh u) / 2, chain rule through tanh and u).
 #include "common.cuh"
 
-#define GELU_S 0.7978845608028654f   // sqrt(2 / pi)
-#define GELU_A 0.044715f
+// GELU_S = sqrt(2 / pi) and GELU_A = 0.044715 come from Python as -D options
+// (llmpy/ops/contract.py, through llmpy/ops/cuda_build.py): the NumPy reference
+// uses the same two numbers.
+#if !defined(GELU_S) || !defined(GELU_A)
+#error "compile with -DGELU_S=... -DGELU_A=... (the options of llmpy/ops/cuda_build.py)"
+#endif
 
 extern "C" __global__ void gelu_forward(floatX* out, const floatX* inp, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

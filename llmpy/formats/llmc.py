@@ -1,4 +1,4 @@
-"""llm.c's file formats: model weights (.bin) and the tokenizer file.
+"""llm.c's file formats: model weights (.bin), the tokenizer file, token shards.
 
 Model file (little-endian throughout):
 
@@ -12,7 +12,7 @@ Model file (little-endian throughout):
              fcprojw (L, C, 4C), fcprojb (L, C), lnfw (C), lnfb (C)
              one after another, each row-major, nothing in between.
 
-That is exactly llmpy's flat parameter buffer (model.parameter_shapes), so a
+That is exactly llmpy's flat parameter buffer (gpt2_layout.parameter_shapes), so a
 model file is `header + params.flat`. The only freedom is Vp: llm.c pads the
 vocabulary to a multiple of 128 as llmpy does, but a file with another padding
 still reads (its first vocab_size rows of wte are the real ones).
@@ -22,6 +22,11 @@ Tokenizer file:
     header   256 x uint32: [20240328, version, vocab_size, eot_token, 0, ...]
              (version 1 has no eot field; GPT-2's is 50256)
     tokens   vocab_size times: one uint8 length n (1..255), then n bytes.
+
+Token shard (what `llmpy prepare` writes and data/shards.py reads):
+
+    header   256 x int32: [20240520, 1 (version), ntok, 0, ...]
+    tokens   ntok x uint16: the token ids
 
 bfloat16 is the top half of a float32. Writing rounds to nearest, ties to
 even (as PyTorch and CUDA do); reading shifts the 16 bits back up, exactly.
@@ -37,13 +42,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPTConfig
-from .errors import LlmpyError
+from ..config import GPTConfig
+from ..errors import LlmpyError
+from ..fileio import atomic_file
+from ..gpt2_layout import parameter_shapes
+from ..tensors import FlatTensors
 
 MODEL_MAGIC = 20240326
 VERSION_FP32 = 3
 VERSION_BF16 = 5
 TOKENIZER_MAGIC = 20240328
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
 GPT2_EOT = 50256
@@ -91,7 +101,6 @@ def model_header(cfg: GPTConfig, version: int, padded_vocab_size: int | None = N
 
 def write_model(path, cfg: GPTConfig, flat: np.ndarray, dtype: str = "fp32"):
     """Write an llm.c model file from llmpy's flat parameter buffer (host, float32)."""
-    from .fileio import atomic_file
     if dtype not in ("fp32", "bf16"):
         raise LlmpyError(f"llm.c model dtype must be fp32 or bf16, got {dtype!r}")
     flat = np.asarray(flat, dtype=np.float32).reshape(-1)
@@ -144,15 +153,12 @@ def read_model_header(path) -> tuple[GPTConfig, int, int]:
 
 
 def _per_model_without_wte(cfg: GPTConfig) -> int:
-    from .model import parameter_shapes
     return sum(int(np.prod(s, dtype=object)) for name, s in parameter_shapes(cfg) if name != "wte")
 
 
 def read_model(path) -> tuple[GPTConfig, np.ndarray]:
     """(config, flat float32 parameters in llmpy's layout) of an llm.c model file.
     bf16 files are upcast to float32 exactly."""
-    from .model import parameter_shapes
-    from .tensors import FlatTensors
     path = Path(path)
     cfg, version, Vp = read_model_header(path)
     n = Vp * cfg.n_embd + _per_model_without_wte(cfg)
@@ -183,7 +189,6 @@ def read_model(path) -> tuple[GPTConfig, np.ndarray]:
 
 def write_tokenizer(path, tokens: list[bytes], eot: int = GPT2_EOT):
     """Write llm.c's tokenizer file (version 2) for a list of token byte strings."""
-    from .fileio import atomic_file
     if not 0 <= eot < len(tokens):
         raise LlmpyError(f"tokenizer file {path}: eot token {eot} is outside the vocabulary [0, {len(tokens)})")
     for i, t in enumerate(tokens):
@@ -239,3 +244,33 @@ def read_tokenizer(path) -> tuple[list[bytes], int]:
     if pos != len(body):
         raise LlmpyError(f"{path}: {len(body) - pos} stray bytes after the last of {n} tokens (corrupt)")
     return tokens, eot
+
+
+# ---------------------------------------------------------------------- token shards
+
+
+def shard_header(ntok: int) -> bytes:
+    """The header of a token shard holding ntok tokens."""
+    h = np.zeros(HEADER_INTS, dtype="<i4")
+    h[:3] = (SHARD_MAGIC, SHARD_VERSION, ntok)
+    return h.tobytes()
+
+
+def read_shard_header(path: Path, fix: str) -> int:
+    """The token count of a shard, its header checked field by field and
+    against the file's size; every error ends with `fix` (how to remake it)."""
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise LlmpyError(f"token shard {path} is {size} bytes, shorter than the "
+                         f"{HEADER_BYTES}-byte header (truncated?); {fix}")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, ntok = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise LlmpyError(f"{path} is not a token shard (magic {magic}, expected {SHARD_MAGIC}); {fix}")
+    if version != SHARD_VERSION:
+        raise LlmpyError(f"token shard {path} has version {version}, expected {SHARD_VERSION}; {fix}")
+    expected = HEADER_BYTES + 2 * ntok
+    if ntok < 0 or size != expected:
+        raise LlmpyError(f"token shard {path} is {size} bytes but its header says {ntok} tokens "
+                         f"({expected} bytes; truncated or corrupt); {fix}")
+    return ntok

@@ -1,0 +1,212 @@
+"""Inference: the KV-cache forward pass, sampling and text generation.
+
+KV cache. To sample token n+1, forward() recomputes all n positions, but with
+causal attention the keys and values of positions < n never change once
+computed (position s only sees positions <= s). Keeping them per layer turns
+each new token into O(n) attention work plus one row of every matmul, instead
+of n rows. Memory: 2 x L x B x NH x max_T x hs values = 2 L B max_T C.
+forward_cached runs the model's own blocks (GPT.block_forward) on the new
+tokens only, with an attention that appends their keys and values to the
+cache and attends over everything cached. The cache cannot slide: GPT-2's
+positions are absolute (wpe), so when the context outgrows block_size and
+the window moves by one, every position in it changes and so does every key
+and value: the cache is refilled from the window.
+
+Sampling one token from the model's logits z (a vector over the vocabulary):
+    p = softmax(z / temperature)        temperature < 1 sharpens, > 1 flattens;
+                                        temperature 0 means argmax (greedy)
+    top-k: keep the k largest p, zero the rest
+    top-p: keep the smallest set of most likely tokens whose mass is >= p
+then renormalize and draw. Both filters remove the long tail of unlikely
+tokens that, summed over a long sample, would otherwise derail it.
+
+Decoding. With use_cache=True (the default) the prompt is run once (the
+"prefill") and each new token then costs one position. use_cache=False
+recomputes the whole context every token: the same numbers, kept as the
+reference. When the context outgrows block_size, both look at the last
+block_size tokens only.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from .errors import LlmpyError
+
+# ---------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of the positions seen so far: k, v (L, B, NH, max_T, hs),
+    for B sequences of up to max_T (<= block_size) positions."""
+
+    def __init__(self, model, B: int = 1, max_T: int | None = None):
+        cfg = model.config
+        max_T = cfg.block_size if max_T is None else max_T
+        if not 0 < max_T <= cfg.block_size:
+            raise LlmpyError(f"KV cache length {max_T} must be in [1, block_size={cfg.block_size}]")
+        shape = (cfg.n_layer, B, cfg.n_head, max_T, cfg.n_embd // cfg.n_head)
+        self.k = model.xp.zeros(shape, dtype=model.storage)
+        self.v = model.xp.zeros(shape, dtype=model.storage)
+        self.B, self.max_T = B, max_T
+        self.pos = 0                 # positions filled: the next token's position
+
+    def reset(self):
+        """Forget everything (the arrays are reused)."""
+        self.pos = 0
+
+
+def forward_cached(model, ids, cache: KVCache, all_logits: bool = False):
+    """Logits of t new tokens at positions [cache.pos, cache.pos + t).
+
+    ids (B, t) ints. Their keys and values are appended to `cache`, and
+    attention looks at every cached position before them, so a prompt fed
+    in one call (the "prefill") and then one token per call gives the same
+    logits as forward() on the whole sequence. Returns a new array: the
+    logits of the last new position (B, V), or of all of them (B, t, V).
+    """
+    ops, cfg, p, xp = model.ops, model.config, model.compute_params, model.xp
+    ids = model._check_ids(ids, "ids")
+    B, t = ids.shape
+    pos = cache.pos
+    if B != cache.B:
+        raise LlmpyError(f"ids have batch {B} but the KV cache was made for batch {cache.B}")
+    if pos + t > cache.max_T:
+        raise LlmpyError(f"KV cache holds {cache.max_T} positions, {pos} used: no room for {t} more; "
+                         "start a new cache with the last block_size tokens")
+    C, NH = cfg.n_embd, cfg.n_head
+    hs, N = C // NH, B * t
+    act, f32 = model.storage, np.float32
+    # one block's buffers for the t new rows, reused by every block (see GPT.block_forward)
+    z = lambda *shape: xp.empty(shape, dtype=act)  # noqa: E731
+    a = SimpleNamespace(ln1=z(N, C), ln1_mean=xp.empty(N, f32), ln1_rstd=xp.empty(N, f32), qkv=z(N, 3 * C),
+                        atty=z(N, C), residual2=z(N, C), ln2=z(N, C), ln2_mean=xp.empty(N, f32),
+                        ln2_rstd=xp.empty(N, f32), fch=z(N, 4 * C), fch_gelu=z(N, 4 * C), residual3=z(N, C),
+                        lnf=z(N, C), lnf_mean=xp.empty(N, f32), lnf_rstd=xp.empty(N, f32))
+    y = z(B, NH, t, hs)
+
+    def attention(atty, qkv, l):
+        # (N, 3C) -> q, k, v each (B, NH, t, hs); k and v go into the cache
+        q, k, v = qkv.reshape(B, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+        cache.k[l, :, :, pos:pos + t] = k
+        cache.v[l, :, :, pos:pos + t] = v
+        ops.attention_forward_cached(y, q, cache.k[l, :, :, :pos + t], cache.v[l, :, :, :pos + t], pos)
+        atty.reshape(B, t, NH, hs)[...] = y.transpose(0, 2, 1, 3)
+
+    x = z(B, t, C)
+    ops.encoder_forward(x, ids, p.wte, p.wpe[pos:pos + t])   # absolute positions of the new tokens
+    x = x.reshape(N, C)
+
+    def next_ln(l):   # the layernorm after block l writes into the one set of buffers
+        if l + 1 < cfg.n_layer:
+            return a.ln1, a.ln1_mean, a.ln1_rstd, p.ln1w[l + 1], p.ln1b[l + 1]
+        return a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
+    out, mean, rstd, w, b = next_ln(-1)
+    ops.layernorm_forward(out, mean, rstd, x, w, b)
+    for l in range(cfg.n_layer):
+        x = model.block_forward(l, x, a, next_ln(l), lambda atty, qkv, l=l: attention(atty, qkv, l))
+    cache.pos = pos + t
+
+    # Only the rows we return go through the LM head (the largest matmul: V x C per row).
+    rows = a.lnf if all_logits else xp.ascontiguousarray(a.lnf.reshape(B, t, C)[:, -1])
+    logits = xp.empty((rows.shape[0], cfg.vocab_size), dtype=act)
+    ops.matmul_forward(logits, rows, p.wte[:cfg.vocab_size], None)
+    return logits.reshape(B, t, cfg.vocab_size) if all_logits else logits
+
+
+# ---------------------------------------------------------------------- sampling and generation
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> np.ndarray:
+    """The distribution sample_next draws from: float64 (V,), zeros where filtered.
+    temperature <= 0 gives a one-hot on the argmax."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0:
+        probs = np.zeros_like(logits)
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[0]:
+        kth = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits < kth, -np.inf, logits)   # ties with the k-th survive
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p is not None and 0 < top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        # keep token i (in descending order) while the mass BEFORE it is < top_p:
+        # the smallest prefix whose mass reaches top_p
+        keep = np.cumsum(probs[order]) - probs[order] < top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return probs
+
+
+def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None) -> int:
+    """One token id from a (V,) vector of logits."""
+    if temperature <= 0:
+        return int(np.argmax(np.asarray(logits)))
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return int(rng.choice(probs.shape[0], p=probs))
+
+
+class _FullRecompute:
+    """Last-position logits by a forward() over the whole (windowed) context.
+    The context is laid into a fixed (1, window) buffer so the model's
+    activations are allocated once; causal attention makes the padding after
+    the last real token irrelevant."""
+
+    def __init__(self, model, window):
+        self.model = model
+        self.buf = np.zeros((1, window), dtype=np.int64)
+
+    def __call__(self, ctx):
+        tail = ctx[-self.buf.shape[1]:]
+        self.buf[0, :len(tail)] = tail
+        logits, _ = self.model.forward(self.buf)
+        return self.model.ops.to_host(logits[0, len(tail) - 1])
+
+
+class _Cached:
+    """Last-position logits with a KV cache: only tokens not yet in the cache
+    are run. If the context no longer fits, the cache is refilled with the
+    last max_T tokens (the same window _FullRecompute sees)."""
+
+    def __init__(self, model, window):
+        self.model = model
+        self.cache = KVCache(model, 1, window)
+
+    def __call__(self, ctx):
+        if len(ctx) <= self.cache.max_T:
+            new = ctx[self.cache.pos:]               # the prompt once, then one token a step
+        else:
+            self.cache.reset()
+            new = ctx[-self.cache.max_T:]
+        logits = forward_cached(self.model, np.asarray([new], dtype=np.int64), self.cache)
+        return self.model.ops.to_host(logits[0])
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             seed=0, eot=50256, stop_at_eot=True, use_cache=True) -> list[int]:
+    """Token ids that continue prompt_ids (the prompt not included). Stops after
+    max_new_tokens, or before an <|endoftext|> (eot) when stop_at_eot. An
+    empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
+    if max_new_tokens < 0:
+        raise LlmpyError(f"number of tokens to sample must be >= 0, got {max_new_tokens}")
+    rng = np.random.default_rng(seed)
+    ctx = list(prompt_ids) or [eot]
+    out = []
+    if max_new_tokens == 0:
+        return out
+    # the longest context we will ever look at
+    window = min(model.config.block_size, len(ctx) + max_new_tokens - 1)
+    last_logits = (_Cached if use_cache else _FullRecompute)(model, window)
+    for _ in range(max_new_tokens):
+        tok = sample_next(last_logits(ctx), rng, temperature, top_k, top_p)
+        if stop_at_eot and tok == eot:
+            break
+        ctx.append(tok)
+        out.append(tok)
+    return out

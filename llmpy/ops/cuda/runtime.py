@@ -1,0 +1,166 @@
+"""The CUDA backend's runtime: compiling and launching our kernels, the
+memory they work in, and the checks on the arrays they are handed.
+
+Every layer module (encoder.py, layernorm.py, ...) launches its kernels as
+
+    kernel("layernorm.cu", "layernorm_forward", bf16)(grid, block, args)
+
+Each .cu file is compiled by NVRTC through cupy.RawModule once per process
+and storage type (and cached on disk by CuPy across processes), with the
+options of llmpy/ops/cuda_build.py; each kernel handle is looked up once and
+kept, so a launch is a dictionary lookup and the launch itself.
+"""
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from .. import cuda_build
+from ...errors import LlmpyError
+
+BLOCK = 256                 # threads per block for elementwise kernels (and most others)
+WARP = 32                   # threads per warp (the hardware's; WARP_SIZE in common.cuh)
+i32, i64, f32 = np.int32, np.int64, np.float32   # kernel scalar argument types
+
+
+# ----------------------------------------------------------------------------
+# compiling and launching
+
+_modules: dict[tuple[str, bool], cupy.RawModule] = {}             # (file, bf16) -> compiled module
+_kernels: dict[tuple[str, str, bool], cupy.RawKernel] = {}        # (file, kernel, bf16) -> handle
+
+
+def kernel(filename: str, name: str, bf16: bool = False) -> cupy.RawKernel:
+    """Kernel `name` of `filename` (beside this module) for fp32 or bf16
+    storage. RawModule compiles for the current device's architecture."""
+    key = (filename, name, bf16)
+    k = _kernels.get(key)
+    if k is None:
+        mod = _modules.get((filename, bf16))
+        if mod is None:
+            mod = cupy.RawModule(code=cuda_build.source(filename), options=cuda_build.options(bf16))
+            _modules[(filename, bf16)] = mod
+        k = _kernels[key] = mod.get_function(name)
+    return k
+
+
+def blocks(n: int, per_block: int = BLOCK) -> int:
+    """Blocks of per_block threads (or rows) that cover n: ceil(n / per_block), at least 1."""
+    return max(1, (n + per_block - 1) // per_block)
+
+
+# ----------------------------------------------------------------------------
+# storage types
+
+def bf16_dtype():
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise LlmpyError("--dtype bf16 needs the ml_dtypes package (pip install 'llmpy[cuda]')") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def storage_dtype(dtype: str):
+    """The array dtype for a model of precision `dtype` ("fp32" or "bf16")."""
+    if dtype == "fp32":
+        return np.float32
+    if dtype == "bf16":
+        return bf16_dtype()
+    raise LlmpyError(f"--dtype {dtype!r}: use fp32 or bf16")
+
+
+def _dense(a, dtypes):
+    if not isinstance(a, cupy.ndarray):
+        raise TypeError(f"expected a cupy.ndarray, got {type(a).__name__}")
+    if a.dtype not in dtypes or not a.flags.c_contiguous:
+        raise ValueError(f"expected a C-contiguous {' or '.join(str(d) for d in dtypes)} array, got dtype "
+                         f"{a.dtype}, shape {a.shape}, strides {a.strides}")
+
+
+def check_f32(*arrays):
+    """Arrays a kernel reads as `float*`. Our kernels index raw pointers as dense
+    row-major memory: check it, so a strided view fails loudly instead of
+    being read wrongly. (None entries are skipped.)"""
+    for a in arrays:
+        if a is not None:
+            _dense(a, (np.dtype(np.float32),))
+
+
+def check_floatx(*arrays) -> bool:
+    """Arrays a kernel reads as `floatX*`: all float32 or all bfloat16.
+    Returns True for bfloat16 (the kernels' -DLLMPY_BF16 build)."""
+    arrays = [a for a in arrays if a is not None]
+    bf16 = arrays[0].dtype != np.float32
+    for a in arrays:
+        _dense(a, (np.dtype(np.float32),) if not bf16 else (bf16_dtype(),))
+    return bf16
+
+
+def ids64(ids):
+    """Token ids as a contiguous int64 device array (the kernels read long long)."""
+    return cupy.ascontiguousarray(cupy.asarray(ids).reshape(-1), dtype=cupy.int64)
+
+
+# ----------------------------------------------------------------------------
+# memory and streams
+
+def on_gpu(x) -> bool:
+    """A CuPy array (False for the NumPy arrays the CPU tests stand in with)."""
+    return type(x).__module__.startswith("cupy")
+
+
+def ptr(a) -> int:
+    """The device address of an array's first element (for cuBLASLt and
+    cuDNN; the host address of the NumPy arrays the CPU tests stand in with)."""
+    return a.data.ptr if on_gpu(a) else a.ctypes.data
+
+
+def stream() -> int:
+    """The current CUDA stream, as the cudaStream_t the libraries take."""
+    return cupy.cuda.get_current_stream().ptr
+
+
+def synchronize():
+    """Wait for every kernel queued so far (kernels run asynchronously: time a
+    step only after this)."""
+    cupy.cuda.get_current_stream().synchronize()
+
+
+def zero(x):
+    """x[...] = 0 for a contiguous array of any dtype, as a memset on the
+    current stream (capturable; no dtype support needed from CuPy)."""
+    if not x.flags.c_contiguous:
+        raise ValueError(f"zero() needs a contiguous array, got strides {x.strides}")
+    if not x.nbytes:
+        return
+    if on_gpu(x):
+        x.data.memset_async(0, x.nbytes)
+    else:
+        x[...] = 0
+
+
+def to_host(x) -> np.ndarray:
+    """x copied to a NumPy array (the NumPy arrays the CPU tests stand in with pass through)."""
+    return x.get() if on_gpu(x) else np.asarray(x)
+
+
+def upload(dst, host):
+    """Copy a small host array into a device buffer, in order on the current stream."""
+    if on_gpu(dst):
+        dst.set(np.ascontiguousarray(host, dtype=dst.dtype), stream=cupy.cuda.get_current_stream())
+    else:
+        dst[...] = host
+
+
+_scratch_buf: dict = {}
+
+
+def scratch(n: int, dtype=np.float32, slot: str = "reduce"):
+    """A work buffer of at least n elements of dtype, one per (slot, dtype),
+    kept and grown as needed (the same memory every step: no allocation in
+    the steady state, which CUDA graph capture needs)."""
+    key = (slot, np.dtype(dtype).str)
+    buf = _scratch_buf.get(key)
+    if buf is None or buf.size < n:
+        buf = _scratch_buf[key] = cupy.empty(max(n, 1), dtype=dtype)
+    return buf[:n]

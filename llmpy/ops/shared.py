@@ -1,0 +1,58 @@
+"""What both backends compute the same way, written once for NumPy and CuPy
+arrays alike (`xp` is the array module): the head split of the fused qkv
+activation, the causal mask, and attention against a KV cache.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def split_heads(x, B, T, NH):
+    """(B, T, 3C) -> q, k, v, three (B, NH, T, hs) views (no copy: only a
+    reshape and a transpose, so BLAS or the caller takes the strides)."""
+    hs = x.shape[-1] // (3 * NH)
+    x = x.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
+_MASKS: dict = {}
+
+
+def upper_triangle(xp, T):
+    """(T, T) bool, True above the diagonal: the keys s > t that query t may
+    not see. Made once per array module and size."""
+    key = (xp, T)
+    if key not in _MASKS:
+        _MASKS[key] = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+    return _MASKS[key]
+
+
+# ----------------------------------------------------------------------------
+# cached attention (inference only): t new queries against every key so far
+#
+# Incremental decoding keeps each layer's keys and values of all earlier
+# positions (the KV cache, see model.py); a step then computes q, k, v for the
+# t new tokens only. New token i sits at absolute position pos + i and, as in
+# the causal mask of attention_forward, may look at positions 0 .. pos + i:
+#   att = softmax(q K^T / sqrt(hs) + mask),  out = att V
+# where K, V are the cache's first pos + t rows (the new k, v already written).
+# A sampling path, small next to a training step: plain array code.
+
+def attention_forward_cached(xp, out, q, k, v, pos):
+    # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); no backward is kept.
+    t, hs = q.shape[-2], q.shape[-1]
+    if q.dtype != np.float32:
+        # bf16 model (CUDA): this small computation in float32 (CuPy's bf16
+        # support covers fewer functions), rounded once into out
+        q, k, v = (a.astype(np.float32) for a in (q, k, v))
+    att = xp.matmul(q, k.swapaxes(-1, -2))               # (B, NH, t, S)
+    att *= np.float32(1.0 / math.sqrt(hs))
+    if t > 1:
+        # query i may not see key s > pos + i: only the new block is masked
+        att[..., :, pos:] = xp.where(upper_triangle(xp, t), np.float32(-np.inf), att[..., :, pos:])
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    out[...] = xp.matmul(att, v)

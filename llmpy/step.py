@@ -1,0 +1,236 @@
+"""One training step as one object: step(batches, lr, t) -> (loss, grad_norm, applied).
+
+A step takes `accum` micro-batches (x, y), each (B, T) token ids, and:
+    zero the gradients
+    for each micro-batch:  forward(x, y); backward(loss_scale = 1 / (accum * ranks))
+    sum the gradients over the ranks (several processes, see dist.py)
+    global gradient norm; if the loss or the norm is not finite, stop here (applied = False)
+    clip: scale = min(1, grad_clip / norm), folded into AdamW update number t
+The loss returned is the mean over all micro-batches of all ranks. Two
+implementations, same arithmetic in the same order:
+
+- HostStep: the loop written out in Python, one op call at a time; any
+  backend, one process or several (ZeRO-0 or ZeRO-1). The reference.
+- DeviceStep: the same step kept on the GPU and replayed as CUDA graphs
+  (one process). Why and how:
+
+  A step is ~15 kernel launches per layer plus the optimizer: at d12 that is a
+  few hundred launches, each costing the CPU several microseconds of Python
+  and driver work. If the GPU finishes a kernel before the next one is
+  queued, it idles. A CUDA graph records the whole sequence once and then
+  replays it with one launch.
+
+  Recording ("capture") imposes rules, and DeviceStep is where they are met:
+  - nothing waits for the GPU inside the step: the loss is read after the
+    replay, the gradient norm stays on the device and the clipping happens in
+    the AdamW kernel (which also skips the update if the norm is not finite);
+  - kernel arguments are frozen at capture, so everything that changes from
+    step to step lives in device buffers the host rewrites before each replay:
+    the batch (ids, targets), the encoder backward's sort of the ids (done on
+    the CPU here, where the batch comes from), AdamW's learning rate and
+    bias corrections;
+  - nothing is allocated inside the step: the first call runs it eagerly
+    (cuBLASLt plans, cuDNN graphs and every scratch buffer are made then),
+    the second captures it.
+
+  Capture needs cuBLASLt (CuPy's cuBLAS calls cannot be captured); without it,
+  or if capture fails, every step runs eagerly, the same work in the same
+  order. Several ranks take HostStep (the all-reduce sits between the
+  backward and the update).
+
+train.py and bench.py both drive a step through this interface; so would a
+second model family, which needs only forward / backward / zero_grad and the
+flat params / grads buffers.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from .optim import clip_scale, global_norm
+
+
+def _micro_batches(batches, accum: int) -> list:
+    """A list of `accum` (x, y) pairs; one bare pair is accepted when accum is 1."""
+    if accum == 1 and len(batches) == 2 and not isinstance(batches[0], tuple):
+        batches = [batches]
+    if len(batches) != accum:
+        raise ValueError(f"{len(batches)} micro-batches for a step of {accum}")
+    return batches
+
+
+class HostStep:
+    """step(batches, lr, t) -> (loss, grad_norm, applied), one op call at a time.
+
+    With several ranks (comm.world_size > 1) each rank passes its own
+    micro-batches; the gradients are summed over the ranks once per step.
+    ZeRO-0 (optimizer.shard is None): all-reduce every gradient, every rank
+    updates every parameter identically. ZeRO-1: reduce-scatter (each rank
+    gets the sum of its own slice only), each rank updates its slice with the
+    AdamW state it alone keeps, then the parameters are all-gathered.
+    before_sync(t), if given, runs between the backward passes and the
+    gradient sync (tests use it to lose a rank there)."""
+
+    def __init__(self, model, optimizer, comm, accum: int = 1, grad_clip: float = 1.0, before_sync=None):
+        self.model, self.optimizer, self.comm = model, optimizer, comm
+        self.accum, self.grad_clip, self.before_sync = int(accum), grad_clip, before_sync
+
+    def __call__(self, batches, lr, t):
+        model, comm, world = self.model, self.comm, self.comm.world_size
+        model.zero_grad()
+        loss = 0.0
+        for x, y in _micro_batches(batches, self.accum):
+            _, micro_loss = model.forward(x, y)
+            model.backward(loss_scale=1.0 / (self.accum * world))
+            loss += micro_loss / self.accum
+        if self.before_sync is not None:
+            self.before_sync(t)
+        if world > 1:
+            loss = comm.all_reduce_scalar(loss) / world       # the mean over all ranks
+            norm = self._sync_gradients()
+        else:
+            norm = global_norm(model) if math.isfinite(loss) else float("nan")
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return loss, norm, False
+        self.optimizer.step(lr, t, grad_scale=clip_scale(norm, self.grad_clip))
+        if self.optimizer.shard is not None:
+            comm.all_gather(model.params.flat)      # every rank's updated slice to every rank
+            if model.compute_params is not model.params:   # bf16: the rounded copy too
+                comm.all_gather(model.compute_params.flat)
+        return loss, norm, True
+
+    def _sync_gradients(self) -> float:
+        """Sum the gradients over the ranks (each rank's are already scaled by
+        1 / (accum * world), so the sum is the mean); returns the global norm.
+        ZeRO-1: the norm is the square root of the all-reduced sums of squares
+        of the slices."""
+        model, comm = self.model, self.comm
+        g = model.grads.flat
+        if self.optimizer.shard is None:
+            comm.all_reduce(g)
+            return global_norm(model)
+        comm.reduce_scatter(g)
+        lo, hi = self.optimizer.shard
+        return math.sqrt(comm.all_reduce_scalar(float(model.ops.sum_of_squares(g[lo:hi]))))
+
+
+class DeviceStep:
+    """step(batches, lr, t) -> (loss, grad_norm, applied): one optimizer step over
+    `accum` micro-batches (zero_grad, forward + backward each, global norm,
+    clipped AdamW), on fixed device buffers, in three recorded pieces: the
+    first micro-step (gradients written), the others (gradients added), and
+    the update. Nothing waits for the GPU until the loss is read at the end,
+    so the host prepares micro-batch i + 1 (its sort, its upload) while the
+    GPU runs micro-step i."""
+
+    def __init__(self, model, optimizer, B: int, T: int, grad_clip: float, accum: int = 1,
+                 capture: bool = True):
+        ops, xp = model.ops, model.xp
+        self.model, self.optimizer, self.ops = model, optimizer, ops
+        self.accum = int(accum)
+        self.grad_clip = float(grad_clip) if grad_clip and grad_clip > 0 else 0.0
+        self.ids = xp.zeros((B, T), dtype=np.int64)
+        self.targets = xp.zeros((B, T), dtype=np.int64)
+        self.sorted_ids = xp.zeros(B * T, dtype=np.int64)
+        self.order = xp.zeros(B * T, dtype=np.int64)
+        self.sumsq = xp.zeros(1, dtype=np.float64)          # the gradients' sum of squares
+        self.loss = xp.zeros(1, dtype=np.float64)           # the step's mean loss, summed on the device
+        cupy = getattr(ops, "cupy", None)                   # the CUDA backend's array library
+        self.capture = (capture and getattr(ops, "capturable", False) and cupy is not None
+                        and hasattr(cupy.cuda, "Graph"))
+        self.stream = cupy.cuda.Stream(non_blocking=True) if self.capture else None
+        self.graphs = {}           # "first" / "rest" / "update" -> captured graph
+        self.eager_runs = {}       # piece -> times run eagerly (capture comes after one)
+
+    @property
+    def graph(self):
+        """The update's graph once captured (None while steps run eagerly)."""
+        return self.graphs.get("update")
+
+    # ------------------------------------------------------------ the pieces
+
+    def _micro(self, first: bool):
+        m, s = self.model, 1.0 / self.accum
+        if first:
+            m.zero_grad()
+        m.forward(self.ids, self.targets, sync=False, loss_scale=s)   # the loss and dlogits in one pass
+        # The activations the micro-steps write (a captured graph writes these
+        # same buffers on every replay). Holding them keeps their memory alive
+        # even if the model's cache of activations drops them.
+        self.acts = m.acts
+        m.backward(loss_scale=s, sorted_order=(self.sorted_ids, self.order))
+        losses = m.acts.losses
+        self.ops.accumulate_sum(self.loss, losses, s / losses.size, first)
+
+    def _update(self, capturing: bool = False):
+        self.ops.sum_of_squares_into(self.model.grads.flat, self.sumsq)
+        self.optimizer.step(self._lr, self._t, sumsq=self.sumsq, max_norm=self.grad_clip, upload=not capturing)
+
+    def _run(self, name, piece):
+        """Run one piece: replay its graph, or capture it (after one eager
+        run: plans, scratch buffers and cuDNN graphs get made then) and run
+        that, or run it eagerly."""
+        is_update = name == "update"
+        graph = self.graphs.get(name)
+        if graph is None and self.capture and self.eager_runs.get(name, 0) >= 1:
+            graph = self._capture(name, piece)
+        if graph is None:
+            piece()
+            self.eager_runs[name] = self.eager_runs.get(name, 0) + 1
+            return
+        if is_update:
+            # AdamW's hyperparameters for this step go where the recorded kernel reads them
+            self.optimizer.prepare_replay(self._lr, self._t, self.grad_clip)
+        graph.launch(self.stream)
+
+    def _capture(self, name, piece):
+        s = self.stream
+        try:
+            s.begin_capture()
+            try:
+                piece(capturing=True) if name == "update" else piece()
+            finally:
+                graph = s.end_capture()
+            if hasattr(graph, "upload"):
+                graph.upload(s)
+        except Exception as e:
+            print(f"llmpy: CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); "
+                  "running the step without graphs", file=sys.stderr)
+            graph = None
+            self.capture = False
+        if graph is not None:
+            self.graphs[name] = graph
+        return graph
+
+    # ------------------------------------------------------------ a step
+
+    def _upload(self, x, y):
+        vocab = self.model.config.vocab_size
+        for what, a in (("ids", x), ("targets", y)):
+            if a.shape != self.ids.shape or a.min() < 0 or a.max() >= vocab:
+                raise ValueError(f"{what} must be {self.ids.shape} token ids in [0, {vocab})")
+        sorted_ids, order = self.ops.host_sort(x)
+        # in order on the stream: after the previous micro-step has read these buffers
+        for dst, src in ((self.ids, x), (self.targets, y), (self.sorted_ids, sorted_ids), (self.order, order)):
+            self.ops.upload(dst, src)
+
+    def __call__(self, batches, lr, t):
+        """batches: `accum` (x, y) pairs of (B, T) host int arrays (inputs,
+        next tokens), or one pair when accum is 1; lr: this step's learning
+        rate; t: the update's number (1, 2, ...). applied is False when the
+        norm was not finite and the kernel skipped the update."""
+        import contextlib
+        batches = _micro_batches(batches, self.accum)
+        self._lr, self._t = lr, t
+        with (self.stream if self.stream is not None else contextlib.nullcontext()):
+            for i, (x, y) in enumerate(batches):
+                self._upload(np.asarray(x), np.asarray(y))
+                first = i == 0
+                self._run("first" if first else "rest", lambda f=first: self._micro(f))
+            self._run("update", self._update)
+            loss = float(self.loss[0])                    # waits for the step
+            sumsq = float(self.sumsq[0])
+        norm = math.sqrt(sumsq) if sumsq >= 0 else float("nan")
+        return loss, norm, math.isfinite(norm)

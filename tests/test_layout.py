@@ -1,0 +1,148 @@
+"""The layout's promises (ARCHITECTURE.md): no import cycle between llmpy's
+modules, every train flag declared once with a help line and its real
+default, the code citing only files that are in the repository."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from llmpy.cli import build_parser
+from llmpy.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "llmpy"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[tuple[str, tuple]]:
+    """(module, names) of every llmpy import statement in `path`: at module
+    level and inside functions alike. A function-level import runs later and
+    cannot deadlock an import, but a cycle through one is still two modules
+    that each need the other, which the layout rules out."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update((a.name, ()) for a in node.names if a.name.startswith("llmpy"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("llmpy"):
+                found.add((mod, tuple(a.name for a in node.names)))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for mod, names in _imports(path):
+            # `from . import x` imports the submodule x; `from .m import f` the module m
+            subs = [f"{mod}.{n}" for n in names]
+            deps.update(subs if subs and all(s in modules for s in subs) else [mod])
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def _cycle(graph):
+    state, stack = {}, []
+
+    def dfs(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state:
+                found = dfs(dep)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = dfs(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_between_llmpy_modules():
+    graph = _graph()
+    assert "llmpy.model" in graph and "llmpy.ops.cpu" in graph      # the walk saw the package
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def _train_help_actions():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["train"]._actions if a.dest != "help"}
+
+
+def test_every_train_flag_comes_from_train_config_with_help_and_real_default():
+    actions = _train_help_actions()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(actions) == set(fields)
+    for name, f in fields.items():
+        a = actions[name]
+        assert a.default == f.default, name
+        assert a.help and a.help.count("\n") == 0, name
+        if isinstance(f.default, bool):
+            assert a.help.endswith(f"(default: {'on' if f.default else 'off'})"), (name, a.help)
+        elif f.default is None:
+            assert "(default: " in a.help and "(default: None)" not in a.help, (name, a.help)   # what None means
+        else:
+            assert a.help.endswith(f"(default: {f.default})"), (name, a.help)
+
+
+def test_train_flags_parse_into_the_config():
+    args = build_parser().parse_args(["train", "-B", "3", "--no-progress", "--no-cuda-graphs", "--resume",
+                                      "--lr", "3e-4", "--zero-stage", "1"])
+    tc = TrainConfig.from_args(args)
+    assert (tc.batch_size, tc.progress, tc.cuda_graphs, tc.resume, tc.lr, tc.zero_stage) == \
+        (3, False, False, True, 3e-4, 1)
+    assert TrainConfig.from_args(build_parser().parse_args(["train"])) == TrainConfig()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr_schedule": "step"}, "--lr-schedule 'step'"),
+    ({"zero_stage": 2}, "--zero-stage 2"),
+    ({"dtype": "bf16"}, "--dtype bf16 needs --device cuda"),
+    ({"batch_size": 0}, "--batch-size must be positive"),
+    ({"lr": float("nan")}, "--lr must be a positive number"),
+])
+def test_train_config_check_names_the_flag(change, message):
+    from llmpy.errors import LlmpyError
+    with pytest.raises(LlmpyError, match=re.escape(message)):
+        dataclasses.replace(TrainConfig(), **change).check()
+
+
+def test_code_cites_only_files_in_the_repository():
+    for path in PKG.rglob("*"):
+        if path.suffix in (".py", ".cu", ".cuh"):
+            assert "DESIGN.md" not in path.read_text(), path
+    assert (ROOT / "ARCHITECTURE.md").is_file()
