@@ -12,6 +12,12 @@ through the same BLAS) and report
 the fraction of the step the unavoidable matrix multiplies would take at the
 machine's best matmul speed; ratio = llmpy ms / torch ms.
 
+The batch is real text (real_text_batch): windows of the Python docs'
+tokens, not uniformly random ids. The encoder backward's scatter-add costs
+what the most frequent id costs (GPT-2's token 220, a space, is ~17% of
+every batch of the docs, ~11,000 of 65,536 positions), which uniform ids
+(~1.3 repeats per id) would never show.
+
 CUDA: kernels are asynchronous, so every timed step ends with a device
 synchronize. Report MFU (model FLOPs utilisation, see flops_per_token) against
 a matmul peak MEASURED in the same run (peak_how says how), peak memory in MiB,
@@ -126,6 +132,29 @@ def cupy_matmul_tflops(dtype: str, n: int = 8192):
     return tflops, f"cupy {dt} {n}^3 matmul"
 
 
+_pydoc_tokens = None            # the docs' training tokens, tokenized once per process
+
+
+def real_text_batch(B: int, T: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """(B, T + 1) token ids: B windows of T + 1 consecutive tokens at random
+    (seeded) offsets of the Python docs' training shard (125K GPT-2 tokens,
+    made by llmpy.data.prepare.prepare_pydoc in a temporary directory: about
+    a second, once per process). Ids >= vocab_size (a model with a smaller
+    vocabulary) are folded into it, modulo."""
+    global _pydoc_tokens
+    if _pydoc_tokens is None:
+        import contextlib
+        import io
+        import tempfile
+        from .data.prepare import prepare_pydoc
+        from .data.shards import read_shard
+        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):  # --json: one line
+            _pydoc_tokens = read_shard(prepare_pydoc(d)["train"]).astype(np.int64)
+    tokens = _pydoc_tokens
+    starts = np.random.default_rng(seed).integers(0, max(1, tokens.size - T), B)
+    return tokens[starts[:, None] + np.arange(T + 1)] % vocab_size
+
+
 def _time_steps(step, warmup: int, steps: int, sync=None) -> list[float]:
     """Seconds per step; sync (if given) runs inside the timing after each step,
     so a GPU step is counted until its last kernel finishes."""
@@ -161,8 +190,7 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
     from .step import DeviceStep, HostStep
     model = GPT(cfg, device=device, seed=0, dtype=dtype)
     opt = AdamW(model, weight_decay=0.1)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, (B, T + 1))
+    ids = real_text_batch(B, T, cfg.vocab_size)
     x, y = ids[:, :-1], ids[:, 1:]
     # CuPy's pool only grows (cached blocks are reused, not returned), so its
     # size after each step is the peak so far.

@@ -22,26 +22,27 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LlmpyError
-from .fileio import atomic_write_json, fsync_dir, read_json_object, sha256_file, slow_write_hook
+from .fileio import (atomic_write_json, atomic_write_safetensors, fsync_dir, make_temp_dir, read_json_object,
+                     sha256_file, slow_write_hook)
 from .formats import save_model
 from .formats.hf import check_float_tensors, from_hf, read_safetensors
 
 CKPT_PREFIX = "ckpt_"
 
-# ---------------------------------------------------------------------- the training loop's two calls
+# ---------------------------------------------------------------------- what the training loop calls
 
 
-def save(out, step: int, model, optimizer, loader, comm, train_config: dict, keep: int):
+def save(out, step: int, model, optimizer, loader, comm, train_config: dict, keep: int, extra: dict | None = None):
     """The training loop's checkpoint after `step`: every rank calls this.
-    train_state.json records the data position, the flags and the world."""
+    train_state.json records the data position, the flags, the world and
+    `extra` (the loop's own state)."""
     state = {"loader": loader.state_dict(), "train_config": train_config, "model_config": model.config.to_dict(),
-             "world_size": comm.world_size, "zero_stage": 0 if optimizer.shard is None else 1}
+             "world_size": comm.world_size, "zero_stage": 0 if optimizer.shard is None else 1, **(extra or {})}
     if optimizer.shard is not None:         # ZeRO-1: every rank writes its slice of AdamW's state
         save_training_checkpoint(out, step, model, optimizer, state, keep=keep, comm=comm)
     elif comm.rank == 0:                    # otherwise every rank holds the same state: rank 0 writes it
@@ -49,26 +50,64 @@ def save(out, step: int, model, optimizer, loader, comm, train_config: dict, kee
     comm.barrier()
 
 
-def resume(out: Path, model, optimizer, loader, comm, log) -> int:
-    """Restore the newest checkpoint in `out` that verifies into the model, the
-    optimizer and the loader; returns its step (0: none). Rank 0 picks it and
-    tells the others, which then load the same one. log(text) reports."""
-    chosen = np.zeros(1, dtype=np.int64)
-    if comm.rank == 0:
-        for p in remove_stale_temporaries(out):
-            log(f"resume: removed {p}, left behind by an interrupted run")
-        for path in reversed(list_checkpoints(out)):
-            problem = verify_checkpoint(path)
-            if problem:
-                log(f"resume: skipping {path}: {problem}")
-                continue
-            chosen[0] = int(path.name[len(CKPT_PREFIX):])
-            break
-    comm.broadcast(chosen, root=0)
-    if not chosen[0]:
-        log(f"resume: no checkpoint in {out}; starting from step 0")
-        return 0
-    path = out / f"{CKPT_PREFIX}{int(chosen[0]):08d}"
+def claim(out: Path, resume: bool, overwrite: bool, log) -> Path | None:
+    """Make `out` ready for this run (rank 0 calls this, before anything is
+    written). A directory that holds a run (checkpoints or a log) is only
+    used with --resume (continue it: returns the checkpoint to resume from)
+    or --overwrite (start over: its checkpoints, log and plot are deleted);
+    otherwise nothing is touched and the error says which to choose."""
+    step = run_step(out)
+    if step is None:
+        if resume:
+            log(f"resume: no checkpoint in {out} (no run there yet); starting from step 0")
+        return None
+    if overwrite:
+        for path in list_checkpoints(out):
+            _remove_checkpoint(path)
+        remove_stale_temporaries(out)
+        for name in ("log.jsonl", "loss.png"):
+            (out / name).unlink(missing_ok=True)
+        log(f"overwrite: removed the run at step {step} in {out}")
+        return None
+    if not resume:
+        raise LlmpyError(f"{out} holds a run at step {step}: --resume continues it, --overwrite starts over "
+                         "(or choose another --out)")
+    for p in remove_stale_temporaries(out):
+        log(f"resume: removed {p}, left behind by an interrupted run")
+    found = list_checkpoints(out)
+    problems = []
+    for path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            for bad, why in problems:
+                log(f"resume: skipping {bad}: {why}")
+            return path
+        problems.append((path.name, problem))
+    if problems:
+        raise LlmpyError(f"{out}: no checkpoint verifies ({'; '.join(f'{n}: {why}' for n, why in problems)}); "
+                         "--overwrite starts over")
+    log(f"resume: {out} has a log up to step {step} but no checkpoint; starting from step 0")
+    return None
+
+
+def run_step(out: Path) -> int | None:
+    """The step the run in `out` reached (its newest checkpoint's, or its
+    log's last line's), or None if `out` holds no run."""
+    out = Path(out)
+    steps = [int(p.name[len(CKPT_PREFIX):]) for p in list_checkpoints(out)]
+    log = out / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue       # a line cut short by a crash
+    return max(steps) if steps else None
+
+
+def restore(path: Path, model, optimizer, loader, comm, log) -> dict:
+    """Load checkpoint `path` into the model, the optimizer (its slice, for
+    ZeRO-1) and the loader; returns its train_state."""
     state = load_training_checkpoint(path, model, optimizer)
     try:
         loader.load_state_dict(state["loader"])
@@ -86,7 +125,7 @@ def resume(out: Path, model, optimizer, loader, comm, log) -> int:
             f"{comm.world_size} with ZeRO-{zero_stage}: AdamW state re-sharded; training continues, "
             f"but not bitwise as an uninterrupted {was_world}-rank run would")
     log(f"resume: continuing from {path} (step {state['step']})")
-    return int(state["step"])
+    return state
 
 
 # ---------------------------------------------------------------------- the pieces
@@ -101,18 +140,21 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
     each rank writes its own slice of AdamW's state (optimizer.rank<r>.safetensors),
     rank 0 the model and train_state.json, which lists the slices. Otherwise
     only rank 0 calls it and optimizer.safetensors holds all of m and v."""
-    from safetensors.numpy import save_file
     out_dir = Path(out_dir)
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
     sharded = comm is not None and optimizer.shard is not None
     rank = comm.rank if sharded else 0
     host = model.ops.to_host
+    if sharded and model.compute_params is not model.params:
+        # ZeRO-1 with a bf16 copy all-gathers only that copy each step
+        # (step.HostStep): the fp32 master slices meet here, once per checkpoint
+        comm.all_gather(model.params.flat)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not np.isfinite(host(model.params.flat)).all():
             raise LlmpyError(f"step {step}: the weights contain NaN or inf; not writing a checkpoint of them")
     if not sharded:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{final.name}.", suffix=".tmp"))
+        tmp = make_temp_dir(out_dir, prefix=f".{final.name}.", suffix=".tmp")
     else:
         # every rank must find the directory: a fixed name, made by rank 0
         tmp = out_dir / f".{final.name}.ranks.tmp"
@@ -125,9 +167,7 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
             name = f"optimizer.rank{rank:05d}.safetensors"
             # (no safetensors metadata: its key order is not stable, and the
             # bounds are in train_state.json)
-            save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / name))
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
+            atomic_write_safetensors(tmp / name, {"m": host(optimizer.m), "v": host(optimizer.v)})
             comm.barrier()                      # every slice is on disk
             if rank != 0:
                 comm.barrier()                  # wait until rank 0 has published the checkpoint
@@ -138,7 +178,7 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
                 {"file": f"optimizer.rank{r:05d}.safetensors", "start": a, "stop": b}
                 for r in range(comm.world_size) for a, b in [shard_bounds(n, r, comm.world_size)]])
         else:
-            save_file({"m": host(optimizer.m), "v": host(optimizer.v)}, str(tmp / "optimizer.safetensors"))
+            atomic_write_safetensors(tmp / "optimizer.safetensors", {"m": host(optimizer.m), "v": host(optimizer.v)})
         save_model(model, tmp)
         slow_write_hook()
         atomic_write_json(tmp / "train_state.json", dict(train_state, step=step))
@@ -158,7 +198,10 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
         raise
     slow_write_hook()
     if keep and keep > 0:
-        for old in list_checkpoints(out_dir)[:-keep]:
+        # only this run's older checkpoints, oldest first: a newer number can
+        # only be a checkpoint that failed to verify when this run resumed
+        older = [p for p in list_checkpoints(out_dir) if int(p.name[len(CKPT_PREFIX):]) < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             _remove_checkpoint(old)
     if sharded:
         comm.barrier()

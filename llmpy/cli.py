@@ -11,7 +11,7 @@ import json
 import sys
 
 from .config import DEVICES, DTYPES, TrainConfig
-from .errors import LlmpyError
+from .errors import Interrupted, LlmpyError
 
 
 def main(argv=None) -> int:
@@ -27,15 +27,28 @@ def main(argv=None) -> int:
             raise
         print(f"llmpy {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"llmpy {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"llmpy {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole
+    usage first, a dozen lines for `train`) pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llmpy", description="GPT-2 training in plain Python and hand-written kernels")
+    from . import __version__
+    ap = _Parser(prog="llmpy", description="GPT-2 training in plain Python and hand-written kernels")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    ap.add_argument("--version", action="version", version=f"llmpy {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add_parser, _ in COMMANDS.values():
         add_parser(sub)
     return ap
@@ -44,26 +57,58 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- prepare
 
 def _prepare_parser(sub):
-    p = sub.add_parser("prepare", help="turn a corpus into token shards")
-    p.add_argument("name", help="pydoc (embedded, no network), tinyshakespeare, tinystories, "
-                                "fineweb-edu, hellaswag (downloaded)")
+    p = sub.add_parser("prepare", help="turn your text files, or a built-in corpus, into token shards",
+                       description="Tokenize your own files (or one built-in corpus) into llm.c token shards: "
+                                   "NAME_val_000000.bin first, then NAME_train_*.bin, in OUT.")
+    p.add_argument("inputs", nargs="+", metavar="PATH|CORPUS",
+                   help="your files, folders (recursive) or globs: .txt/.md a document per file, .jsonl a "
+                        "document per line (--field), .parquet a document per row (--column), any other "
+                        "file named directly is read as text; or one built-in corpus: pydoc (embedded, no "
+                        "network), tinyshakespeare, tinystories, fineweb-edu, hellaswag (downloaded). "
+                        "An existing file or folder wins over a corpus of the same name")
     p.add_argument("--out", default=None, help="output directory (default data/NAME)")
-    # Only for the downloaded, tokenized corpora; None means "not given".
     p.add_argument("--shard-size", type=int, default=None, help="tokens per shard (default 100M)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
-    p.add_argument("--shards", type=int, default=None, help="stop after N shards (val included)")
-    p.add_argument("--val-tokens", type=int, default=None, help="val shard size (default per corpus)")
-    p.add_argument("--split", dest="splits", action="append", default=None,
-                   help="hellaswag split to fetch (train/val/test; repeatable; default val)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                    default=None, help="no progress bars")
+    # None means "not given": a flag of the other kind of input is an error.
+    own = p.add_argument_group("your own files")
+    own.add_argument("--name", default=None, help="prefix of the shard files (default: the first PATH's stem)")
+    own.add_argument("--field", default=None, help="JSON Lines: the field that holds the text (default text)")
+    own.add_argument("--column", default=None, help="Parquet: the column that holds the text (default text)")
+    own.add_argument("--val-fraction", type=float, default=None,
+                     help="share of the tokens for the val split, whole documents where possible "
+                          "(default 0.1, at least 1,025 tokens unless that is over half)")
+    corpora = p.add_argument_group("built-in corpora")
+    corpora.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    corpora.add_argument("--shards", type=int, default=None, help="stop after N shards (val included)")
+    corpora.add_argument("--val-tokens", type=int, default=None, help="val shard size (default per corpus)")
+    corpora.add_argument("--split", dest="splits", action="append", default=None,
+                         help="hellaswag split to fetch (train/val/test; repeatable; default val)")
 
 
 def _prepare(args):
     from .data.prepare import prepare
-    opts = ("shard_size", "workers", "max_tokens", "shards", "val_tokens", "splits", "progress")
-    info = prepare(args.name, args.out, **{k: getattr(args, k) for k in opts if getattr(args, k) is not None})
+    from .data.text import corpus_named, prepare_text
+
+    def given(names):
+        return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+    def flags(opts):
+        names = ["--split" if k == "splits" else "--" + k.replace("_", "-") for k in opts]
+        return ", ".join(names) + (" applies" if len(names) == 1 else " apply")
+
+    shared = ("shard_size", "workers", "progress")
+    own, corpus_only = ("name", "field", "column", "val_fraction"), ("max_tokens", "shards", "val_tokens", "splits")
+    corpus = corpus_named(args.inputs)
+    if corpus is not None:
+        if given(own):
+            raise LlmpyError(f"{flags(given(own))} to your own files, not to the corpus {corpus}")
+        info = prepare(corpus, args.out, **given(shared + corpus_only))
+    else:
+        if given(corpus_only):
+            raise LlmpyError(f"{flags(given(corpus_only))} to the built-in corpora, not to your files")
+        info = prepare_text(args.inputs, args.out, **given(shared + own))
     print(json.dumps({k: str(v) for k, v in info.items()}))
 
 
@@ -78,19 +123,24 @@ def _train_parser(sub):
 
 def _train(args):
     from .train import train
-    train(TrainConfig.from_args(args))
+    train(TrainConfig.from_args(args), TrainConfig.given_flags(args))
 
 
 # ---------------------------------------------------------------------- sample
 
 def _sample_parser(sub):
-    p = sub.add_parser("sample", help="generate text from a model directory")
-    p.add_argument("ckpt")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p = sub.add_parser("sample", help="generate text from a run directory or a model",
+                       description="Generate text. MODEL is a run directory of `llmpy train` (its newest "
+                                   "checkpoint that verifies), a checkpoint or Hugging Face model directory, "
+                                   "an llm.c .bin, or a hub name such as gpt2.")
+    p.add_argument("ckpt", metavar="MODEL")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start from <|endoftext|>)")
+    p.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from a UTF-8 file, as is")
+    p.add_argument("--tokens", type=int, default=64, help="tokens to generate per sample (>= 0)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples, sample i from seed + i")
+    p.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0: greedy (the most likely token)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
+    p.add_argument("--top-p", type=float, default=None, help="keep the most likely tokens of mass p (0 < p <= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="recompute the whole context for every token instead of using the KV cache")
@@ -100,46 +150,113 @@ def _sample_parser(sub):
 def _sample(args):
     from . import load
     from .data.tokenizer import Tokenizer
-    from .inference import generate
-    model = load(args.ckpt, device=args.device)
+    from .inference import check_sampling, generate, resolve_model
+    check_sampling(args.temperature, args.top_k, args.top_p, args.tokens)
+    if args.num_samples < 1:
+        raise LlmpyError(f"--num-samples {args.num_samples}: must be >= 1")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise LlmpyError("give --prompt or --prompt-file, not both")
+    prompt = args.prompt or ""
+    if args.prompt_file is not None:
+        try:
+            prompt = open(args.prompt_file, "rb").read().decode("utf-8")
+        except OSError as e:
+            raise LlmpyError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise LlmpyError(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start}); "
+                             "save it as UTF-8") from None
+    say = lambda text: print(f"llmpy sample: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    model = load(resolve_model(args.ckpt, say)[0], device=args.device)
     tok = Tokenizer()
-    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
-    ids = generate(model, prompt, args.tokens, args.temperature, args.top_k, args.top_p, args.seed, tok.eot,
-                   use_cache=args.use_cache)
-    print(args.prompt + tok.decode(ids))
+    prompt_ids = tok.encode(prompt) if prompt else [tok.eot]
+    for i in range(args.num_samples):
+        bar = None
+        if sys.stderr.isatty():           # progress on a terminal only; it goes away when done
+            from tqdm import tqdm
+            bar = tqdm(total=args.tokens, unit="token", file=sys.stderr, leave=False, dynamic_ncols=True)
+        ids = generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, args.top_p, args.seed + i,
+                       tok.eot, use_cache=args.use_cache, progress=None if bar is None else bar.update)
+        if bar is not None:
+            bar.close()
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}/{args.num_samples} (seed {args.seed + i}) ---")
+        print(prompt + tok.decode(ids), flush=True)
 
 
 # ---------------------------------------------------------------------- eval
 
 def _eval_parser(sub):
-    p = sub.add_parser("eval", help="validation loss (--data) or HellaSwag accuracy (--hellaswag) of a model directory")
-    p.add_argument("ckpt")
+    p = sub.add_parser("eval", help="validation loss (--data) or HellaSwag accuracy (--hellaswag) of a run or model",
+                       description="Evaluate a run directory of `llmpy train` (its newest checkpoint that "
+                                   "verifies), a checkpoint or model directory, an llm.c .bin or a hub name.")
+    p.add_argument("ckpt", metavar="MODEL")
     p.add_argument("--data", default=None, help="glob of val shards: mean loss and perplexity")
-    p.add_argument("--hellaswag", default=None, metavar="FILE", help="HellaSwag .jsonl: acc and acc_norm")
+    p.add_argument("--hellaswag", default=None, metavar="FILE",
+                   help="HellaSwag .jsonl, or llm.c's HellaSwag .bin: acc and acc_norm")
     p.add_argument("--limit", type=int, default=None, help="HellaSwag: score only the first N examples")
-    p.add_argument("--steps", type=int, default=20, help="--data: number of val batches")
-    p.add_argument("-B", "--batch-size", type=int, default=4)
-    p.add_argument("-T", "--seq-len", type=int, default=None, help="default: the model's block size")
+    p.add_argument("--steps", type=int, default=None,
+                   help="--data: number of val batches (default, and at most: one pass over the data)")
+    p.add_argument("-B", "--batch-size", type=int, default=None,
+                   help="default: the run's own (a training checkpoint), else 4")
+    p.add_argument("-T", "--seq-len", type=int, default=None,
+                   help="default: the run's own (a training checkpoint), else min(block size, 1024)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", choices=DEVICES)
 
 
 def _eval(args):
     from . import evals, load
+    from .inference import resolve_model
     if (args.data is None) == (args.hellaswag is None):
         raise LlmpyError("eval needs exactly one of --data PATTERN (val loss) or --hellaswag FILE (accuracy)")
-    model = load(args.ckpt, device=args.device)
+    for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                    ("--limit", args.limit)):
+        if v is not None and v < 1:
+            raise LlmpyError(f"{flag} {v}: must be >= 1")
+    say = lambda text: print(f"llmpy eval: {text}", file=sys.stderr, flush=True)  # noqa: E731
+
+    def progress_bar(total, unit):        # progress on a terminal only; it goes away when done
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+    source, ckpt = resolve_model(args.ckpt, say)
+    model = load(source, device=args.device)
     if args.data is not None:
+        from .checkpoint import read_train_state
         from .data.shards import DataLoader
-        T = args.seq_len or model.config.block_size
-        res = evals.val_report(model, DataLoader(args.data, args.batch_size, T, shuffle=False), args.steps)
-        text = f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}"
+        run = read_train_state(ckpt / "train_state.json").get("train_config", {}) if ckpt else {}
+        B = args.batch_size or run.get("batch_size") or 4
+        T = args.seq_len or run.get("seq_len") or min(model.config.block_size, 1024)
+        if T > model.config.block_size:
+            raise LlmpyError(f"--seq-len {T} exceeds the model's block size {model.config.block_size}")
+        loader = DataLoader(args.data, B, T, shuffle=False)
+        n = evals.batches_per_pass(loader) if args.steps is None else min(args.steps, evals.batches_per_pass(loader))
+        if args.steps is not None and args.steps > n:
+            say(f"note: --steps {args.steps} is more than one pass over {args.data} ({n} batches of B={B} T={T}); "
+                f"using {n}")
+        bar = progress_bar(n, "batch")
+        res = evals.val_report(model, loader, args.steps, progress=None if bar is None else bar.update)
+        text = (f"val loss {res['val_loss']:.4f}  perplexity {res['perplexity']:.2f}  "
+                f"({res['batches']} batches of B={B} T={T}, {res['tokens']:,} tokens)")
     else:
-        res = evals.hellaswag(model, args.hellaswag, limit=args.limit)
+        bar = None
+        on_tty = sys.stderr.isatty()
+
+        def progress(n, total, acc_norm):
+            nonlocal bar
+            if on_tty and bar is None:
+                bar = progress_bar(total, "example")
+            if bar is not None:
+                bar.set_postfix_str(f"acc_norm {acc_norm:.4f}", refresh=False)
+                bar.update()
+        res = evals.hellaswag(model, args.hellaswag, limit=args.limit, progress=progress)
         if args.json:
             res.pop("per_example")
         text = (f"HellaSwag on {res['examples']} examples: acc {res['acc']:.4f}  "
                 f"acc_norm {res['acc_norm']:.4f}")
+    if bar is not None:
+        bar.close()
     print(json.dumps(res) if args.json else text)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import LlmpyError
 
@@ -67,7 +67,7 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
 
 
-LR_SCHEDULES = ("cosine", "linear", "constant")
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DTYPES = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 
@@ -91,18 +91,24 @@ class TrainConfig:
                              metavar="PATTERN")
     val_data: str | None = _flag(None, "glob of val shards", default_text="pydoc's val split with the default "
                                  "data, else no validation", metavar="PATTERN")
-    model: str = _flag("d4", f"preset ({', '.join(PRESETS)}) or a model directory to start from",
-                       metavar="PRESET|DIR")
+    model: str = _flag("d4", f"{', '.join(_SHAPES)}: random init from --seed; {', '.join(_HF_NAMES)}: "
+                       "OpenAI's pretrained weights (downloaded once by huggingface_hub, then read from its "
+                       "cache, HF_HUB_CACHE); a path: the weights of a Hugging Face model directory or an llm.c "
+                       ".bin model (fine-tuning)", metavar="NAME|PATH")
     device: str = _flag("cpu", "where the step runs", choices=DEVICES)
     dtype: str = _flag("fp32", "fp32, or bf16 mixed precision (fp32 master weights; needs --device cuda)",
                        choices=DTYPES)
+    tf32: bool = _flag(False, "fp32 on cuda: matmuls on TF32 tensor cores (inputs rounded to 10 mantissa bits, "
+                       "fp32 sums; several times faster, no longer equal to the CPU reference to 1e-6)")
     batch_size: int = _flag(8, "B: sequences per micro-step", short="-B")
     seq_len: int = _flag(128, "T: tokens per sequence", short="-T")
     total_batch_size: int | None = _flag(None, "tokens per optimizer step (gradient accumulation when larger "
                                          "than B x T x ranks)", default_text="B x T x ranks")
     lr: float = _flag(1e-3, "peak learning rate")
     warmup_steps: int = _flag(20, "linear warmup steps")
-    lr_schedule: str = _flag("cosine", "decay after the warmup", choices=LR_SCHEDULES)
+    lr_schedule: str = _flag("cosine", "decay after the warmup (wsd: warmup, stable, then a linear decay over "
+                             "the last --decay-frac of the steps)", choices=LR_SCHEDULES)
+    decay_frac: float = _flag(0.2, "wsd: the fraction of the steps, at the end, over which the LR decays")
     min_lr_frac: float = _flag(0.1, "the schedule ends at this fraction of --lr")
     weight_decay: float = _flag(0.1, "AdamW weight decay (2-D weight matrices only)")
     grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0: off)")
@@ -110,17 +116,25 @@ class TrainConfig:
     stop_at: int | None = _flag(None, "stop after this step with a checkpoint (continue later with --resume)",
                                 default_text="run all --steps")
     val_every: int = _flag(50, "measure the val loss every N steps (0: never)")
-    val_steps: int = _flag(10, "val batches per measurement")
+    val_steps: int = _flag(10, "val batches per measurement (-1: one whole pass over the val data)")
     sample_every: int = _flag(200, "print a sample every N steps (0: never)")
     sample_tokens: int = _flag(48, "tokens per sample")
     checkpoint_every: int = _flag(200, "write a checkpoint every N steps (and always at the end)")
     keep: int = _flag(2, "keep the newest N checkpoints (0: all)")
     out: str = _flag("out", "output directory: log.jsonl, loss.png, ckpt_*/", metavar="DIR")
-    resume: bool = _flag(False, "continue from the newest checkpoint in --out that verifies")
+    resume: bool = _flag(False, "continue the run in --out from its newest checkpoint that verifies, with its "
+                         "saved flags unless given again")
+    overwrite: bool = _flag(False, "start over in an --out that holds a run (its checkpoints and log are deleted)")
     skip_nonfinite: bool = _flag(False, "skip a step whose loss or gradient norm is NaN/inf instead of stopping")
     cuda_graphs: bool = _flag(True, "on cuda, one process: replay the step as CUDA graphs")
     seed: int = _flag(0, "seed of the weight init and of the data order")
-    progress: bool = _flag(True, "a progress bar (off: one line per validation)")
+    progress: bool = _flag(True, "a progress bar on a terminal (off, or not a terminal: plain lines)")
+    log_every: int | None = _flag(None, "plain lines: one every N steps", default_text="steps / 20")
+    skip_loss_z: float = _flag(0.0, "skip the update when the loss is more than Z standard deviations above its "
+                               "running mean (0: off; llm.c -sl)")
+    skip_norm_z: float = _flag(0.0, "skip the update when the gradient norm is more than Z standard deviations "
+                               "above its running mean (0: off; llm.c -sg)")
+    overfit_batch: bool = _flag(False, "train on the first batch over and over (a correctness check; llm.c -a)")
     zero_stage: int = _flag(0, "0: every rank keeps all of AdamW's state; 1: each rank keeps (and updates) one "
                             "slice", choices=(0, 1), group=_DIST)
     dist: str = _flag("auto", "communicator: auto = MPI on CPU ranks / NCCL on GPUs when started by mpirun or "
@@ -131,18 +145,37 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # numeric flags that must be > 0 (None, where allowed, means "not set") and >= 0
+    POSITIVE = frozenset({"batch_size", "seq_len", "total_batch_size", "lr", "steps", "stop_at", "log_every"})
+    NON_NEGATIVE = frozenset({"warmup_steps", "min_lr_frac", "weight_decay", "grad_clip", "val_every",
+                              "sample_every", "sample_tokens", "checkpoint_every", "keep", "seed", "dist_timeout",
+                              "skip_loss_z", "skip_norm_z"})
+
     def check(self):
         """Raise LlmpyError naming the first flag whose value cannot work."""
-        for name in ("batch_size", "seq_len", "steps"):
-            if getattr(self, name) <= 0:
-                raise LlmpyError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise LlmpyError(f"--lr must be a positive number, got {self.lr}")
+        for f in fields(self):
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if f.name in self.POSITIVE and value is not None and not (math.isfinite(value) and value > 0):
+                raise LlmpyError(f"{flag} must be positive, got {value}")
+            if f.name in self.NON_NEGATIVE and not (math.isfinite(value) and value >= 0):
+                raise LlmpyError(f"{flag} must be >= 0, got {value}")
         for f in fields(self):
             allowed = f.metadata["choices"]
             if allowed is not None and getattr(self, f.name) not in allowed:
                 raise LlmpyError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: use one of "
                                  f"{', '.join(map(str, allowed))}")
+        if self.resume and self.overwrite:
+            raise LlmpyError("--resume continues the run in --out, --overwrite deletes it: choose one")
+        if self.val_steps == 0 or self.val_steps < -1:
+            raise LlmpyError(f"--val-steps must be positive, or -1 for a whole pass, got {self.val_steps}")
+        if not 0 < self.decay_frac <= 1:
+            raise LlmpyError(f"--decay-frac must be in (0, 1], got {self.decay_frac}")
+        if self.min_lr_frac > 1:
+            raise LlmpyError(f"--min-lr-frac is a fraction of --lr, at most 1, got {self.min_lr_frac}")
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise LlmpyError(f"--stop-at {self.stop_at} is past --steps {self.steps}")
+        if self.tf32 and (self.device, self.dtype) != ("cuda", "fp32"):
+            raise LlmpyError("--tf32 is for fp32 matmuls on a GPU: --device cuda --dtype fp32")
         if self.dtype == "bf16" and self.device != "cuda":
             raise LlmpyError("--dtype bf16 needs --device cuda; the NumPy backend computes in fp32")
 
@@ -150,7 +183,9 @@ class TrainConfig:
     def add_arguments(cls, parser: argparse.ArgumentParser):
         """One command-line flag per field: --name-with-dashes, its type from
         the default, its help with the real default. A True default becomes
-        --X / --no-X, a False one a plain switch."""
+        --X / --no-X, a False one a plain switch. A flag not given leaves no
+        attribute (argparse.SUPPRESS), so given_flags() can tell what the
+        user typed: --resume keeps the saved value of every flag not given."""
         groups = {}
         for f in fields(cls):
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
@@ -161,15 +196,50 @@ class TrainConfig:
             names = [flag] + ([meta["short"]] if meta["short"] else [])
             if isinstance(f.default, bool):
                 action = argparse.BooleanOptionalAction if f.default else "store_true"
-                where.add_argument(*names, dest=f.name, action=action, default=f.default,
+                where.add_argument(*names, dest=f.name, action=action, default=argparse.SUPPRESS,
                                    help=f"{meta['help']} (default: {'on' if f.default else 'off'})")
                 continue
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             default = meta["default_text"] if f.default is None else f.default
-            where.add_argument(*names, dest=f.name, type=kind, default=f.default, choices=meta["choices"],
+            where.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, choices=meta["choices"],
                                metavar=None if meta["choices"] else meta["metavar"] or _METAVARS[kind],
                                help=f"{meta['help']} (default: {default})")
 
     @classmethod
+    def given_flags(cls, args: argparse.Namespace) -> set[str]:
+        """The fields the command line set (see add_arguments)."""
+        return {f.name for f in fields(cls) if hasattr(args, f.name)}
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        """The flags given, the defaults for the rest."""
+        return cls(**{name: getattr(args, name) for name in cls.given_flags(args)})
+
+    # --resume: flags a run does not remember (where it is, how it is shown,
+    # when this invocation stops, how this invocation's ranks share the work:
+    # a resume with another world re-cuts the state, see checkpoint.restore),
+    # and flags whose change makes the resumed run differ from one that never
+    # stopped (the batches it sees)
+    NOT_REMEMBERED = frozenset({"resume", "overwrite", "out", "stop_at", "progress", "log_every", "zero_stage",
+                                "dist", "dist_timeout"})
+    BITWISE = frozenset({"batch_size", "seq_len", "total_batch_size", "data", "seed", "overfit_batch"})
+
+    def resumed(self, saved: dict, given: set[str]) -> tuple["TrainConfig", list[str]]:
+        """This run's configuration when it resumes a run saved with `saved`:
+        the saved value of every flag not given on the command line, the given
+        value of the others; and the lines that tell the user what changed."""
+        names = {f.name for f in fields(self)}
+        kept = {k: v for k, v in saved.items() if k in names and k not in given | self.NOT_REMEMBERED}
+        tc = replace(self, **kept)
+        changed = sorted(n for n in given - self.NOT_REMEMBERED if n in saved and saved[n] != getattr(tc, n))
+        notes = []
+        if changed:
+            notes.append("resume: " + ", ".join(f"--{n.replace('_', '-')} {saved[n]} -> {getattr(tc, n)}"
+                                                for n in changed))
+        breaking = [n for n in changed if n in self.BITWISE]
+        if breaking:
+            notes.append(f"resume: {', '.join('--' + n.replace('_', '-') for n in breaking)} changed: training "
+                         "goes on, but on other batches than the saved run would have seen (not bitwise)")
+        if "model" in changed:
+            notes.append("resume: --model is ignored: the weights and their shape come from the checkpoint")
+        return tc, notes

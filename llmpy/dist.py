@@ -222,6 +222,40 @@ class MPIComm(Communicator):
 # ---------------------------------------------------------------------- NCCL (GPU ranks)
 
 
+_NCCL_FIX = ("--dist nccl needs CuPy 14 with NCCL: pip install 'llmpy[cuda]' nvidia-nccl-cu13 "
+             "(the cuda extra brings cupy-cuda13x[ctk]; nvidia-nccl-cu13 is libnccl)")
+NCCL_UNIQUE_ID_BYTES = 128          # sizeof(ncclUniqueId)
+
+
+def _import_nccl():
+    """(cupy, cupy.cuda.nccl), or one line naming the fix. CuPy >= 14 imports
+    cupy.cuda.nccl even when libnccl is missing and only sets its `available`
+    to False (the module then has no NcclCommunicator); older CuPy raised
+    ImportError. Both end here."""
+    try:
+        import cupy
+        from cupy.cuda import nccl
+    except ImportError:
+        raise LlmpyError(_NCCL_FIX) from None
+    if not getattr(nccl, "available", True):
+        raise LlmpyError(_NCCL_FIX)
+    return cupy, nccl
+
+
+def _unique_id_bytes(uid) -> bytes:
+    """nccl.get_unique_id()'s result as the 128 bytes of the ncclUniqueId.
+    CuPy >= 14 returns them as bytes; CuPy < 14 returned a tuple of 128 C
+    chars (ints in [-128, 127])."""
+    if isinstance(uid, (bytes, bytearray)):
+        raw = bytes(uid)
+    else:
+        raw = np.array(uid, dtype=np.int64).astype(np.int8).tobytes()
+    if len(raw) != NCCL_UNIQUE_ID_BYTES:
+        raise LlmpyError(f"NCCL unique id of {len(raw)} bytes, expected {NCCL_UNIQUE_ID_BYTES}: "
+                         f"a CuPy this code does not know; install cupy-cuda13x>=14")
+    return raw
+
+
 class NCCLComm(Communicator):
     """Collectives with NCCL (through cupy.cuda.nccl) on CuPy device buffers.
 
@@ -234,26 +268,27 @@ class NCCLComm(Communicator):
     slices, so buffers whose size does not divide are padded in a scratch
     buffer.
 
-    Not tested on a GPU in this repository's CI; see README.md."""
+    The CuPy 14 API used: get_unique_id() -> bytes (128), and
+    NcclCommunicator(ndev: int, commId: bytes, rank: int); tests/
+    test_nccl_standin.py builds it against a stand-in with those types.
+    Not run on a GPU in this repository's CI; see README.md."""
     name = "NCCL"
 
     def __init__(self, mpi: MPIComm | None):
-        try:
-            import cupy
-            from cupy.cuda import nccl
-        except ImportError:
-            raise LlmpyError("--dist nccl needs CuPy with NCCL (pip install cupy-cuda12x; "
-                             "python -m cupyx.tools.install_library --library nccl)") from None
+        cupy, nccl = _import_nccl()
         self.cupy, self.nccl, self.mpi = cupy, nccl, mpi
         self.rank, self.world_size = (mpi.rank, mpi.world_size) if mpi else (0, 1)
         local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("SLURM_LOCALID", self.rank)))
         cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()
-        uid = np.zeros(128, dtype=np.int8)     # ncclUniqueId: 128 bytes (cupy: a tuple of 128 chars)
+        uid = np.zeros(NCCL_UNIQUE_ID_BYTES, dtype=np.uint8)      # the id as MPI moves it: raw bytes
         if self.rank == 0:
-            uid[:] = np.array(nccl.get_unique_id(), dtype=np.int64).astype(np.int8)
+            uid[:] = np.frombuffer(_unique_id_bytes(nccl.get_unique_id()), dtype=np.uint8)
         if mpi is not None:
             mpi.broadcast(uid, root=0)
-        self.comm = nccl.NcclCommunicator(self.world_size, tuple(int(c) for c in uid), self.rank)
+        comm_id = uid.tobytes()
+        if int(str(cupy.__version__).split(".")[0]) < 14:        # the old constructor took the tuple
+            comm_id = tuple(int(c) for c in uid.view(np.int8))
+        self.comm = nccl.NcclCommunicator(self.world_size, comm_id, self.rank)
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self._pad = None
 

@@ -3,7 +3,7 @@
 A family is one architecture and everything that knows its shape. There is
 one today, GPT-2:
 
-    config       config.GPTConfig, config.preset (d2 ... d48, gpt2 ...)
+    config       config.GPTConfig, config.preset (d2 ... d48; gpt2 ... as shapes)
     model        model.GPT
     layout       gpt2_layout.parameter_shapes: the flat buffer's tensors
     file names   formats/hf.py: config.json fields and the HF tensor names
@@ -26,18 +26,40 @@ from .model import GPT
 
 
 def build(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0, seq_len: int = 1024):
-    """The model `llmpy train --model SPEC` starts from: a preset with a random
-    init from `seed` (its context: GPT-2's 1024 positions, or seq_len if
-    longer), or a model directory / file loaded by `load`, whose context
-    must hold seq_len."""
-    if spec in PRESETS:
-        return GPT(preset(spec, block_size=max(seq_len, 1024)), device=device, seed=seed, dtype=dtype)
-    if not Path(spec).exists():
-        raise LlmpyError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
-    model = load(spec, device=device, dtype=dtype)
+    """(model, where its weights come from) for `llmpy train --model SPEC`.
+    One rule, the one `llmpy train --help` states:
+
+        d2 ... d48        a random init from `seed`; its context is GPT-2's
+                          1024 positions, or seq_len if longer
+        gpt2, gpt2-medium, gpt2-large, gpt2-xl (hf.HF_HUB_NAMES)
+                          OpenAI's pretrained weights, downloaded from the
+                          Hugging Face hub by huggingface_hub into its cache
+                          (HF_HUB_CACHE) once, read from there afterwards
+        a path            a Hugging Face GPT-2 directory or an llm.c .bin
+                          model file: its weights
+
+    config.PRESETS also names the hub models, as shapes (d12 ... d48) for
+    `preset()`; here a hub name always means its weights: d12 is the random
+    GPT-2 124M. A loaded model's context must hold seq_len."""
+    if spec in hf.HF_HUB_NAMES:
+        snapshot = hf.from_hub(spec)
+        where = f"{spec} (Hugging Face hub, cached in {snapshot})"
+        model = _read(snapshot, device, dtype)
+    elif spec in PRESETS:
+        model = GPT(preset(spec, block_size=max(seq_len, 1024)), device=device, seed=seed, dtype=dtype)
+        return model, f"random (seed {seed})"
+    elif Path(spec).exists():
+        where = f"{spec} ({'llm.c model file' if Path(spec).is_file() else 'Hugging Face directory'})"
+        model = _read(Path(spec), device, dtype)
+    else:
+        raise LlmpyError(f"--model {spec}: no such file or directory; --model takes a preset "
+                         f"({', '.join(p for p in PRESETS if p not in hf.HF_HUB_NAMES)}: random init), "
+                         f"a pretrained GPT-2 ({', '.join(hf.HF_HUB_NAMES)}), or the path of a Hugging Face "
+                         "model directory or an llm.c .bin model")
     if seq_len > model.config.block_size:
-        raise LlmpyError(f"--seq-len {seq_len} exceeds {spec}'s block_size {model.config.block_size}")
-    return model
+        raise LlmpyError(f"--seq-len {seq_len} exceeds {spec}'s context (n_positions / block_size) "
+                         f"{model.config.block_size}")
+    return model, f"pretrained weights from {where}"
 
 
 def load(path, device: str = "cpu", dtype: str = "fp32"):
@@ -52,6 +74,11 @@ def load(path, device: str = "cpu", dtype: str = "fp32"):
             raise LlmpyError(f"{path}: no such model directory or file; pass a directory with config.json + "
                              f"model.safetensors, an llm.c .bin file, or a hub name ({', '.join(hf.HF_HUB_NAMES)})")
         path = hf.from_hub(spec)
+    return _read(path, device, dtype)
+
+
+def _read(path: Path, device: str, dtype: str):
+    """The GPT in a local file (llm.c) or directory (Hugging Face)."""
     if path.is_file():
         cfg, flat = llmc.read_model(path)
         model = GPT(cfg, device=device, init=False, dtype=dtype)

@@ -28,6 +28,7 @@ def atomic_file(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode(0o666))      # mkstemp makes it 0600; a file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -39,6 +40,42 @@ def atomic_file(path):
         raise
     fsync_dir(path.parent)
     slow_write_hook()
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` less the process's umask: the permissions open() and mkdir()
+    give new files (0o666) and directories (0o777), which tempfile's private
+    0600 / 0700 would otherwise replace (shards, checkpoints and converted
+    models are meant to be read by the group that shares them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def make_temp_dir(parent, prefix: str, suffix: str) -> Path:
+    """A new directory in `parent` (for building something to rename into
+    place), with the mode mkdir would give it."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    os.chmod(path, umask_mode(0o777))
+    return path
+
+
+def atomic_write_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """tensors as a safetensors file at `path`, whole or not at all, with the
+    umask's mode (the library writes its files 0600)."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, umask_mode(0o666))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path, data: bytes):

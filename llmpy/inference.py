@@ -7,10 +7,26 @@ each new token into O(n) attention work plus one row of every matmul, instead
 of n rows. Memory: 2 x L x B x NH x max_T x hs values = 2 L B max_T C.
 forward_cached runs the model's own blocks (GPT.block_forward) on the new
 tokens only, with an attention that appends their keys and values to the
-cache and attends over everything cached. The cache cannot slide: GPT-2's
-positions are absolute (wpe), so when the context outgrows block_size and
-the window moves by one, every position in it changes and so does every key
-and value: the cache is refilled from the window.
+cache and attends over everything cached.
+
+Past the context. The model reads at most block_size tokens, and the cache
+cannot slide by one: GPT-2's positions are absolute (wpe), so when the window
+moves by one token every position in it changes, and so does every key and
+value. Refilling the whole window for every token makes each token cost a
+block_size-token forward. Instead, when the window is full, generate() keeps
+its last half, refills the cache with those block_size/2 tokens once (one
+batched forward, "prefill"), and goes on one token at a time until the window
+is full again:
+
+    window of the next token = ctx[start:],   start fixed while len(ctx) - start <= block_size,
+                               then start = len(ctx) - block_size // 2
+    cost: one refill of block_size/2 tokens per block_size/2 new tokens,
+          i.e. per token about the cost of a token inside the context.
+
+The trade-off: once past the context, the model sees between block_size/2
+and block_size tokens of context (a sliding window would always give it
+block_size, at block_size times the cost). A prompt longer than block_size
+starts from its last block_size tokens.
 
 Sampling one token from the model's logits z (a vector over the vocabulary):
     p = softmax(z / temperature)        temperature < 1 sharpens, > 1 flattens;
@@ -22,12 +38,13 @@ tokens that, summed over a long sample, would otherwise derail it.
 
 Decoding. With use_cache=True (the default) the prompt is run once (the
 "prefill") and each new token then costs one position. use_cache=False
-recomputes the whole context every token: the same numbers, kept as the
-reference. When the context outgrows block_size, both look at the last
-block_size tokens only.
+recomputes the whole window every token: the same windows, the same numbers,
+kept as the reference.
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -153,60 +170,113 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None) -> int:
 
 
 class _FullRecompute:
-    """Last-position logits by a forward() over the whole (windowed) context.
-    The context is laid into a fixed (1, window) buffer so the model's
+    """Last-position logits by a forward() over the whole window ctx[start:].
+    The window is laid into a fixed (1, max_T) buffer so the model's
     activations are allocated once; causal attention makes the padding after
     the last real token irrelevant."""
 
-    def __init__(self, model, window):
+    def __init__(self, model, max_T):
         self.model = model
-        self.buf = np.zeros((1, window), dtype=np.int64)
+        self.buf = np.zeros((1, max_T), dtype=np.int64)
 
-    def __call__(self, ctx):
-        tail = ctx[-self.buf.shape[1]:]
-        self.buf[0, :len(tail)] = tail
+    def __call__(self, ctx, start):
+        window = ctx[start:]
+        self.buf[0, :len(window)] = window
         logits, _ = self.model.forward(self.buf)
-        return self.model.ops.to_host(logits[0, len(tail) - 1])
+        return self.model.ops.to_host(logits[0, len(window) - 1])
 
 
 class _Cached:
-    """Last-position logits with a KV cache: only tokens not yet in the cache
-    are run. If the context no longer fits, the cache is refilled with the
-    last max_T tokens (the same window _FullRecompute sees)."""
+    """Last-position logits of the window ctx[start:] with a KV cache: only the
+    window's tokens not yet in the cache are run. A new start (the window
+    moved) empties the cache, and the next call refills it from the window."""
 
-    def __init__(self, model, window):
+    def __init__(self, model, max_T):
         self.model = model
-        self.cache = KVCache(model, 1, window)
+        self.cache = KVCache(model, 1, max_T)
+        self.start = 0
 
-    def __call__(self, ctx):
-        if len(ctx) <= self.cache.max_T:
-            new = ctx[self.cache.pos:]               # the prompt once, then one token a step
-        else:
+    def __call__(self, ctx, start):
+        if start != self.start:
             self.cache.reset()
-            new = ctx[-self.cache.max_T:]
+            self.start = start
+        new = ctx[start + self.cache.pos:]          # a whole window once, then one token a call
         logits = forward_cached(self.model, np.asarray([new], dtype=np.int64), self.cache)
         return self.model.ops.to_host(logits[0])
 
 
+def check_sampling(temperature, top_k, top_p, max_new_tokens):
+    """One LlmpyError line naming the first setting out of its range."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise LlmpyError(f"--temperature {temperature}: must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 1):
+        raise LlmpyError(f"--top-k {top_k}: must be an integer >= 1 (leave it out for no top-k filter)")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise LlmpyError(f"--top-p {top_p}: must be in (0, 1] (1: no top-p filter)")
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0):
+        raise LlmpyError(f"--tokens {max_new_tokens}: the number of tokens to sample must be an integer >= 0")
+
+
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             seed=0, eot=50256, stop_at_eot=True, use_cache=True) -> list[int]:
+             seed=0, eot=50256, stop_at_eot=True, use_cache=True, progress=None) -> list[int]:
     """Token ids that continue prompt_ids (the prompt not included). Stops after
     max_new_tokens, or before an <|endoftext|> (eot) when stop_at_eot. An
-    empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
-    if max_new_tokens < 0:
-        raise LlmpyError(f"number of tokens to sample must be >= 0, got {max_new_tokens}")
+    empty prompt starts from <|endoftext|>, as GPT-2 was trained. Past the
+    context the window moves by half of it (module docstring). progress, if
+    given, is called with no argument after each new token."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     rng = np.random.default_rng(seed)
     ctx = list(prompt_ids) or [eot]
     out = []
     if max_new_tokens == 0:
         return out
-    # the longest context we will ever look at
-    window = min(model.config.block_size, len(ctx) + max_new_tokens - 1)
-    last_logits = (_Cached if use_cache else _FullRecompute)(model, window)
+    block = model.config.block_size
+    keep = max(1, block // 2)                       # the window's tokens kept when it moves
+    start = max(0, len(ctx) - block)                # a long prompt: its last block_size tokens
+    # the longest window we will ever look at: the cache's (and the buffer's) length
+    max_T = min(block, len(ctx) + max_new_tokens - 1)
+    last_logits = (_Cached if use_cache else _FullRecompute)(model, max_T)
     for _ in range(max_new_tokens):
-        tok = sample_next(last_logits(ctx), rng, temperature, top_k, top_p)
+        if len(ctx) - start > block:                # the window is full: keep its last half
+            start = len(ctx) - keep
+        tok = sample_next(last_logits(ctx, start), rng, temperature, top_k, top_p)
         if stop_at_eot and tok == eot:
             break
         ctx.append(tok)
         out.append(tok)
+        if progress is not None:
+            progress()
     return out
+
+
+# ---------------------------------------------------------------------- which model: a run directory or a model
+
+
+def resolve_model(spec, say) -> tuple[str, Path | None]:
+    """(what families.load reads, the training checkpoint directory or None)
+    for `llmpy sample/eval SPEC`. A run directory of `llmpy train` (no
+    config.json, ckpt_* inside) means its newest checkpoint that verifies
+    (checkpoint.verify_checkpoint, read-only); say(text) tells which, and
+    which newer ones it skipped and why. A checkpoint directory, any model
+    directory, an llm.c .bin or a hub name is passed on as it is."""
+    from .checkpoint import list_checkpoints, verify_checkpoint
+    path = Path(spec)
+    if not path.is_dir() or (path / "config.json").exists():
+        is_ckpt = path.is_dir() and (path / "train_state.json").is_file()
+        return str(spec), (path if is_ckpt else None)
+    found = list_checkpoints(path)
+    if not found:
+        raise LlmpyError(f"{path}: no config.json and no ckpt_* checkpoints in it; pass a run directory of "
+                         "`llmpy train` (its --out), a checkpoint ckpt_NNNNNNNN, a Hugging Face model directory, "
+                         "an llm.c .bin or a hub name such as gpt2")
+    problems = []
+    for ckpt in reversed(found):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            for name, why in problems:
+                say(f"skipping {path / name}: {why}")
+            say(f"using {ckpt} (the newest checkpoint that verifies)")
+            return str(ckpt), ckpt
+        problems.append((ckpt.name, problem))
+    raise LlmpyError(f"{path}: no checkpoint verifies ({'; '.join(f'{n}: {why}' for n, why in problems)}); "
+                     "name a model directory, or train again")

@@ -29,7 +29,7 @@ from .errors import LlmpyError
 from . import formats
 from .formats.hf import from_hf, to_hf
 from .gpt2_layout import DECAYED, parameter_shapes
-from .ops import contract, get_backend
+from .ops import contract, cuda_build, get_backend
 from .tensors import FlatTensors
 
 
@@ -70,8 +70,11 @@ class Activations:
         self.dC = z(N, C)                    # dln1 / dln2 / datty / dlnf
         self.dqkv = z(N, 3 * C)
         self.d4C = z(N, 4 * C)               # dfch_gelu, then dfch in place
-        self.scratch4C = z(N, 4 * C)
-        self.ln_scratch = f32(2, N, C)       # float32 partial sums of dweight, dbias
+        # the ops' own scratch, as large as this backend says it needs (the
+        # contract's shapes unless it says less: the CUDA kernels keep only
+        # per-chunk partial sums for layernorm and need none for the GELU)
+        self.scratch4C = z(N, 4 * C) if ops.needs_gelu_scratch else None
+        self.ln_scratch = f32(2, -(-N // ops.ln_scratch_rows_per_chunk), C)   # float32 partial sums of dweight, dbias
         self.datt = z(*datt_shape)
 
     # what one block's forward reads and writes (GPT.block_forward)
@@ -89,12 +92,14 @@ class _ShapesOnly:
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
-def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: bool = True) -> dict:
-    """Bytes a training step's buffers take, by kind, counted from the same
-    shapes the model allocates (Activations and the flat buffers): fp32
-    master weights, the bf16 compute copy (bf16 only), gradients, AdamW's m
-    and v, and the activations for one (B, T). flash: cuDNN attention keeps
-    a logsumexp per row instead of the (T, T) probabilities. Not counted:
+def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: bool = True,
+                    device: str = "cuda") -> dict:
+    """Bytes a training step's buffers take on `device`, by kind, counted
+    from the same shapes the model allocates (Activations and the flat
+    buffers): fp32 master weights, the bf16 compute copy (bf16 only),
+    gradients, AdamW's m and v, and the activations for one (B, T), with the
+    scratch that device's ops ask for. flash (cuda): cuDNN attention keeps a
+    logsumexp per row instead of the (T, T) probabilities. Not counted:
     per-op scratch (attention's head-major q/k/v copies, ~7 B T C elements
     without flash), the cuBLASLt / cuDNN workspaces and allocator slack."""
     if dtype == "fp32":
@@ -103,9 +108,12 @@ def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: 
         from ml_dtypes import bfloat16
         act = np.dtype(bfloat16)
     n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(cfg))
-    # attention keeps what the CUDA backend keeps with flash attention on or off (ops/contract.py)
-    rule = SimpleNamespace(attention_saved=lambda B, NH, T, hs, dtype:
-                           contract.attention_saved(B, NH, T, hs, dtype, flash))
+    if device == "cpu":
+        rule = get_backend("cpu")
+    else:   # the CUDA backend's scratch and what its attention keeps, flash attention on or off (CuPy-free)
+        rule = SimpleNamespace(attention_saved=lambda B, NH, T, hs, dtype:
+                               contract.attention_saved(B, NH, T, hs, dtype, flash),
+                               ln_scratch_rows_per_chunk=cuda_build.LN_ROWS_PER_CHUNK, needs_gelu_scratch=False)
     acts = Activations(cfg, B, T, _ShapesOnly, act, rule)
     act_bytes = sum(v.nbytes for v in vars(acts).values() if isinstance(v, np.ndarray))
     out = {"params_fp32": 4 * n, "compute_copy": 0 if dtype == "fp32" else act.itemsize * n,
@@ -309,7 +317,7 @@ class GPT:
         g = self.grads
         acc = not self._grads_fresh
         B, T = a.B, a.T
-        N, C, NH = B * T, cfg.n_embd, cfg.n_head
+        N, C = B * T, cfg.n_embd
 
         # d(mean loss)/d(loss_n) = 1/N; the classifier turns logits into dlogits
         # (the padded columns of dlogits are zero, so the padded rows of wte get no gradient),

@@ -149,15 +149,28 @@ def clip_scale(norm: float, max_norm: float) -> float:
 
 
 def lr_at(step: int, max_lr: float, total_steps: int, warmup_steps: int = 0,
-          schedule: str = "cosine", min_lr_frac: float = 0.1) -> float:
-    """Learning rate for the 0-based optimizer step (schedules: config.LR_SCHEDULES): linear warmup over
-    warmup_steps, then cosine or linear decay to min_lr_frac * max_lr at the
-    last step, or constant."""
+          schedule: str = "cosine", min_lr_frac: float = 0.1, decay_frac: float = 0.2) -> float:
+    """Learning rate for the 0-based optimizer step (schedules: config.LR_SCHEDULES).
+
+    All start with a linear warmup over warmup_steps, then:
+      cosine    min_lr + (max_lr - min_lr) (1 + cos(pi f)) / 2, f = 0 -> 1 over the remaining steps
+      linear    max_lr - (max_lr - min_lr) f
+      constant  max_lr
+      wsd       warmup-stable-decay: max_lr until the last decay_frac of the steps, then
+                min_lr + (max_lr - min_lr) (1 - sqrt(g)), g = 0 -> 1 over those steps
+                (the 1 - sqrt cooldown of Haegele et al. 2024, as llm.c's wsd scheduler)
+    with min_lr = min_lr_frac * max_lr reached at the last step."""
     if warmup_steps > 0 and step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return max_lr
     min_lr = max_lr * min_lr_frac
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, total_steps - max(1, round(decay_frac * total_steps)))
+        if step < decay_start:
+            return max_lr
+        g = min(1.0, (step - decay_start) / max(1, total_steps - 1 - decay_start))
+        return min_lr + (max_lr - min_lr) * (1.0 - math.sqrt(g))
     span = max(1, total_steps - warmup_steps - 1)
     frac = min(1.0, (step - warmup_steps) / span)
     if schedule == "cosine":

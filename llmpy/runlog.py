@@ -1,8 +1,11 @@
 """What a training run shows and keeps: progress on the terminal, log.jsonl, loss.png.
 
+On a terminal (and without --no-progress) a progress bar; otherwise (a batch
+job, `| tee`, a file) one plain line every `log_every` steps, and one for
+every validation: step, loss, lr, grad norm, tokens/s, MFU, ETA.
 log.jsonl has one JSON object per optimizer step (step, loss, lr, grad_norm,
-ms, tokens_per_s, and val_loss when measured); a resumed run keeps the lines
-up to its starting step and appends. loss.png plots train and val loss.
+ms, tokens_per_s, mfu, and val_loss when measured); a resumed run keeps the
+lines up to its starting step and appends. loss.png plots train and val loss.
 Only rank 0 writes or prints (quiet=True on the others).
 """
 from __future__ import annotations
@@ -10,20 +13,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, out: Path, start: int, stop: int, total: int, progress: bool, quiet: bool = False):
+    def __init__(self, out: Path, start: int, stop: int, total: int, progress: bool, log_every: int,
+                 quiet: bool = False):
         """Steps start+1 .. stop of a run of `total` steps."""
-        self.out, self.quiet, self.total = Path(out), quiet, total
-        self.records, self.file, self.bar, self.lines = [], None, None, 0
+        self.out, self.quiet, self.total, self.stop, self.log_every = Path(out), quiet, total, stop, log_every
+        self.records, self.file, self.bar = [], None, None
+        self.t0, self.start, self.lines = time.perf_counter(), start, 0
         if quiet:
             return
         self.records = read_log(self.out / "log.jsonl", start)
         (self.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.file = open(self.out / "log.jsonl", "a")
-        if progress and stop > start:
+        if progress and stop > start and sys.stdout.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
 
@@ -36,19 +42,27 @@ class RunLog:
         else:
             print(text, flush=True)
 
-    def record(self, rec: dict, summary: str):
-        """Log one finished step; summary is its line for the terminal (on the
-        bar, or printed when there is no bar and the step was validated)."""
+    def record(self, rec: dict):
+        """Log one finished step."""
         if self.quiet:
             return
         self.records.append(rec)
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
+        val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+        mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
         if self.bar is not None:
-            self.bar.set_postfix_str(summary, refresh=False)
+            self.bar.set_postfix_str(f"loss {rec['loss']:.4f}{val} lr {rec['lr']:.2e} "
+                                     f"{rec['tokens_per_s']:.0f} tok/s{mfu}", refresh=False)
             self.bar.update(1)
-        elif "val_loss" in rec or self.lines == 0:
-            print(f"step {rec['step']}/{self.total} {summary}", flush=True)
+            return
+        step = rec["step"]
+        if val or self.lines == 0 or step % self.log_every == 0 or step == self.stop:
+            done = step - self.start
+            eta = (time.perf_counter() - self.t0) / done * (self.stop - step)
+            print(f"step {step}/{self.total} loss {rec['loss']:.4f}{val} lr {rec['lr']:.2e} "
+                  f"norm {rec['grad_norm']:.3f} {rec['tokens_per_s']:.0f} tok/s{mfu} eta {_duration(eta)}",
+                  flush=True)
             self.lines += 1
 
     def skipped(self):
@@ -65,6 +79,11 @@ class RunLog:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def read_log(path: Path, upto_step: int) -> list[dict]:

@@ -33,6 +33,16 @@ implementations, same arithmetic in the same order:
     (cuBLASLt plans, cuDNN graphs and every scratch buffer are made then),
     the second captures it.
 
+  The step runs on a non-blocking stream of its own, which does not wait
+  for the legacy null stream, where the model's buffers were zeroed, its
+  weights uploaded and cast to bf16: the first step waits for the whole
+  device once, and every step's stream waits for the null stream's work
+  (an event: evaluations and samples between steps run there).
+
+  The uploads come from pinned host buffers, two sets used in turn
+  (runtime.Staging), so the host sorts and copies micro-batch i + 1 while
+  the GPU still runs micro-step i.
+
   Capture needs cuBLASLt (CuPy's cuBLAS calls cannot be captured); without it,
   or if capture fails, every step runs eagerly, the same work in the same
   order. Several ranks take HostStep (the all-reduce sits between the
@@ -71,11 +81,15 @@ class HostStep:
     gets the sum of its own slice only), each rank updates its slice with the
     AdamW state it alone keeps, then the parameters are all-gathered.
     before_sync(t), if given, runs between the backward passes and the
-    gradient sync (tests use it to lose a rank there)."""
+    gradient sync (tests use it to lose a rank there). accept(loss, norm), if
+    given, may veto the update of a step whose loss and norm are finite
+    (applied = False: train.Outliers, llm.c's outlier skipping); it sees the
+    same numbers on every rank, so the ranks agree."""
 
-    def __init__(self, model, optimizer, comm, accum: int = 1, grad_clip: float = 1.0, before_sync=None):
+    def __init__(self, model, optimizer, comm, accum: int = 1, grad_clip: float = 1.0, before_sync=None,
+                 accept=None):
         self.model, self.optimizer, self.comm = model, optimizer, comm
-        self.accum, self.grad_clip, self.before_sync = int(accum), grad_clip, before_sync
+        self.accum, self.grad_clip, self.before_sync, self.accept = int(accum), grad_clip, before_sync, accept
 
     def __call__(self, batches, lr, t):
         model, comm, world = self.model, self.comm, self.comm.world_size
@@ -94,11 +108,15 @@ class HostStep:
             norm = global_norm(model) if math.isfinite(loss) else float("nan")
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return loss, norm, False
+        if self.accept is not None and not self.accept(loss, norm):
+            return loss, norm, False
         self.optimizer.step(lr, t, grad_scale=clip_scale(norm, self.grad_clip))
         if self.optimizer.shard is not None:
-            comm.all_gather(model.params.flat)      # every rank's updated slice to every rank
-            if model.compute_params is not model.params:   # bf16: the rounded copy too
-                comm.all_gather(model.compute_params.flat)
+            # every rank's updated slice to every rank: of what the ops read, the
+            # weights themselves in fp32, the bf16 copy in bf16. The bf16 run's
+            # fp32 master slices stay with their owners (half the bytes each
+            # step); checkpoint.save_training_checkpoint gathers them.
+            comm.all_gather(model.compute_params.flat)
         return loss, norm, True
 
     def _sync_gradients(self) -> float:
@@ -116,6 +134,31 @@ class HostStep:
         return math.sqrt(comm.all_reduce_scalar(float(model.ops.sum_of_squares(g[lo:hi]))))
 
 
+def _check_fits(model, B: int, T: int):
+    """Refuse, in one line, a (B, T) whose buffers alone (model.memory_estimate,
+    with flash attention's smaller activations for bf16: a lower bound) are
+    larger than the GPU, naming the largest halving of B that fits in 90% of
+    it; nothing is said where the device's memory is unknown."""
+    total = model.ops.runtime.device_memory()
+    if total is None:
+        return
+    from .errors import LlmpyError
+    from .model import memory_estimate
+
+    def need(b):
+        return memory_estimate(model.config, b, T, model.dtype, flash=model.dtype != "fp32")["total"]
+    if need(B) <= total:
+        return
+    fits = B
+    while fits > 1 and need(fits) > 0.9 * total:
+        fits //= 2
+    gib = 2 ** 30
+    hint = (f"-B {fits} needs ~{need(fits) / gib:.1f} GiB (gradient accumulation keeps the tokens per step: "
+            f"--total-batch-size)" if need(fits) <= 0.9 * total else "even -B 1 does not fit: a smaller model")
+    raise LlmpyError(f"-B {B} -T {T} --dtype {model.dtype}: the step's buffers need ~{need(B) / gib:.1f} GiB "
+                     f"(model.memory_estimate), the GPU has {total / gib:.1f} GiB; {hint}")
+
+
 class DeviceStep:
     """step(batches, lr, t) -> (loss, grad_norm, applied): one optimizer step over
     `accum` micro-batches (zero_grad, forward + backward each, global norm,
@@ -129,12 +172,15 @@ class DeviceStep:
                  capture: bool = True):
         ops, xp = model.ops, model.xp
         self.model, self.optimizer, self.ops = model, optimizer, ops
+        _check_fits(model, B, T)
         self.accum = int(accum)
         self.grad_clip = float(grad_clip) if grad_clip and grad_clip > 0 else 0.0
         self.ids = xp.zeros((B, T), dtype=np.int64)
         self.targets = xp.zeros((B, T), dtype=np.int64)
         self.sorted_ids = xp.zeros(B * T, dtype=np.int64)
         self.order = xp.zeros(B * T, dtype=np.int64)
+        self.staging = ops.runtime.Staging({"ids": ((B, T), np.int64), "targets": ((B, T), np.int64),
+                                            "sorted_ids": ((B * T,), np.int64), "order": ((B * T,), np.int64)})
         self.sumsq = xp.zeros(1, dtype=np.float64)          # the gradients' sum of squares
         self.loss = xp.zeros(1, dtype=np.float64)           # the step's mean loss, summed on the device
         cupy = getattr(ops, "cupy", None)                   # the CUDA backend's array library
@@ -143,6 +189,7 @@ class DeviceStep:
         self.stream = cupy.cuda.Stream(non_blocking=True) if self.capture else None
         self.graphs = {}           # "first" / "rest" / "update" -> captured graph
         self.eager_runs = {}       # piece -> times run eagerly (capture comes after one)
+        self.steps = 0             # calls so far
 
     @property
     def graph(self):
@@ -211,10 +258,21 @@ class DeviceStep:
         for what, a in (("ids", x), ("targets", y)):
             if a.shape != self.ids.shape or a.min() < 0 or a.max() >= vocab:
                 raise ValueError(f"{what} must be {self.ids.shape} token ids in [0, {vocab})")
-        sorted_ids, order = self.ops.host_sort(x)
+        host = self.staging.next()                 # pinned, and no copy of it still in flight
+        host["ids"][...], host["targets"][...] = x, y
+        host["sorted_ids"][...], host["order"][...] = self.ops.host_sort(x)
         # in order on the stream: after the previous micro-step has read these buffers
-        for dst, src in ((self.ids, x), (self.targets, y), (self.sorted_ids, sorted_ids), (self.order, order)):
-            self.ops.upload(dst, src)
+        self.staging.upload([(self.ids, "ids"), (self.targets, "targets"), (self.sorted_ids, "sorted_ids"),
+                             (self.order, "order")])
+
+    def _wait_for_null_stream(self):
+        """The step's stream waits for what was queued on the legacy null
+        stream (the first time: the host waits for the whole device)."""
+        if self.steps == 0:
+            self.ops.runtime.synchronize_device()
+        if self.stream is not None:
+            null = self.ops.cupy.cuda.Stream.null
+            self.stream.wait_event(null.record())
 
     def __call__(self, batches, lr, t):
         """batches: `accum` (x, y) pairs of (B, T) host int arrays (inputs,
@@ -224,6 +282,8 @@ class DeviceStep:
         import contextlib
         batches = _micro_batches(batches, self.accum)
         self._lr, self._t = lr, t
+        self._wait_for_null_stream()
+        self.steps += 1
         with (self.stream if self.stream is not None else contextlib.nullcontext()):
             for i, (x, y) in enumerate(batches):
                 self._upload(np.asarray(x), np.asarray(y))

@@ -18,6 +18,12 @@ import numpy as np
 from llmpy.ops import cpu
 
 calls = []      # (epilogue, m, n, k) of every call, for tests that check the fused paths ran
+refuse = set()  # (epilogue, dtype name) pairs whose heuristic finds no algorithm (cublaslt.NoAlgorithm)
+tf32 = False    # the real module's switch (matmul.use_tf32); the products here stay float32
+
+
+class NoAlgorithm(RuntimeError):
+    """As cublaslt.NoAlgorithm: no algorithm for this GEMM and epilogue."""
 
 
 def _matrix(ptr, rows, cols, ld, dtype):
@@ -32,6 +38,8 @@ def _matrix(ptr, rows, cols, ld, dtype):
 
 def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilogue="default",
          bias=0, aux=0, aux_ld=0, stream=0, batch=1, a_stride=0, b_stride=0, d_stride=0):
+    if (epilogue, np.dtype(dtype).name) in refuse:
+        raise NoAlgorithm(f"no algorithm for epilogue {epilogue} on {np.dtype(dtype).name}")
     calls.append((epilogue, m, n, k))
     if batch > 1:       # strided batched: matrix i starts stride * i elements further on
         assert epilogue == "default", "the batched products here have no epilogue"

@@ -81,7 +81,7 @@ def test_the_check_can_fail():
     # a backend missing an op, with an op the contract does not have, and
     # with a misnamed parameter: each is reported
     fake = types.SimpleNamespace(**{n: f for n, f in vars(cpu).items() if inspect.isfunction(f)},
-                                 name="cpu", xp=np)
+                                 **{n: getattr(cpu, n) for n in contract.ATTRIBUTES})
     del fake.gelu_backward
     fake.gelu_fast = lambda out, inp: None
 

@@ -475,3 +475,233 @@ def test_cast_and_zero(cuda):
     np.testing.assert_array_equal(out.view(np.uint16), x.astype(BF16).view(np.uint16))
     cuda.zero(out)
     assert not np.any(out.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------- encoder backward on real text
+
+class _ModuleInOrder(_CheckedModule):
+    """_CheckedModule with the threads between barriers run in a given order."""
+    order = "forward"
+
+    def __init__(self, code, options=()):
+        self.sim = cudasim.RawModule(code, options, order=self.order)
+        self.bf16 = "-DLLMPY_BF16" in options
+
+
+def test_encoder_backward_on_real_text_statistics(cuda, monkeypatch):
+    # The ids of `llmpy bench` (windows of the Python docs' tokens): token 220
+    # is 15-19% of them, so its run in the sorted order crosses several
+    # segments of encoder.cu's pass 1 and goes through pass 2. Against the
+    # CPU op (np.add.at: position order, from zero): every run that lies in
+    # one segment gets the same additions in the same order, so the same
+    # bits; the crossing runs add their pieces in another grouping (1e-6);
+    # and the result does not depend on the order the threads run in.
+    from llmpy.bench import real_text_batch
+    from llmpy.ops.cuda_build import ENCODER_SEGMENT
+    B, T, C, Vp = 4, 512, 24, 50304
+    ids = real_text_batch(B, T - 1, 50257, seed=3)               # (B, T)
+    N = B * T
+    counts = np.bincount(ids.reshape(-1), minlength=Vp)
+    assert counts[220] >= 0.12 * N and counts.max() > 2 * ENCODER_SEGMENT   # real-text statistics
+    rng = np.random.default_rng(5)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    want_wte, want_wpe = np.zeros((Vp, C), np.float32), np.zeros((T, C), np.float32)
+    cpu.encoder_backward(want_wte, want_wpe, dout, ids, acc=False)
+
+    # which ids' runs cross a segment boundary of the sorted order
+    sorted_ids = np.sort(ids.reshape(-1), kind="stable")
+    first, last = np.searchsorted(sorted_ids, np.arange(Vp)), np.searchsorted(sorted_ids, np.arange(Vp), "right") - 1
+    present = counts > 0
+    crossing = present & (first // ENCODER_SEGMENT != last // ENCODER_SEGMENT)
+    inside = present & ~crossing
+    assert crossing[220] and crossing.sum() >= 3 and inside.sum() > 100
+
+    def run(sorted_order):
+        dwte, dwpe = np.full((Vp, C), np.nan, np.float32), np.full((T, C), np.nan, np.float32)
+        cuda.encoder_backward(dwte, dwpe, dout, ids, acc=False, sorted_order=sorted_order)
+        return dwte, dwpe
+
+    got_wte, got_wpe = run(cuda.host_sort(ids))
+    np.testing.assert_array_equal(got_wte[inside], want_wte[inside])
+    np.testing.assert_array_equal(got_wte[~present], 0)
+    assert rel_err(got_wte[crossing], want_wte[crossing]) <= 1e-6
+    assert rel_err(got_wpe, want_wpe) <= 1e-6
+    np.testing.assert_array_equal(run(None)[0], got_wte)          # the sort made on the device: same bits
+    for order in ("forward", "reverse"):                          # the threads in other orders: same bits
+        monkeypatch.setattr(_ModuleInOrder, "order", order)
+        monkeypatch.setattr(cuda.runtime.cupy, "RawModule", _ModuleInOrder)
+        monkeypatch.setattr(cuda.runtime, "_modules", {})
+        monkeypatch.setattr(cuda.runtime, "_kernels", {})
+        np.testing.assert_array_equal(run(cuda.host_sort(ids))[0], got_wte)
+
+    # acc=True adds to what is there (gradient accumulation)
+    base = rng.standard_normal((Vp, C)).astype(np.float32)
+    dwte, dwpe = base.copy(), np.zeros((T, C), np.float32)
+    cuda.encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=cuda.host_sort(ids))
+    assert rel_err(dwte - base, want_wte) <= 1e-5
+
+    if BF16 is not None:                                          # bf16 storage, float32 sums
+        dwte, dwpe = np.zeros((Vp, C), BF16), np.zeros((T, C), BF16)
+        cuda.encoder_backward(dwte, dwpe, dout.astype(BF16), ids, acc=False, sorted_order=cuda.host_sort(ids))
+        want16 = np.zeros((Vp, C), np.float32)
+        cpu.encoder_backward(want16, np.zeros((T, C), np.float32), dout.astype(BF16).astype(np.float32), ids,
+                             acc=False)
+        assert rel_err(dwte.astype(np.float32), want16) <= 1e-2
+
+
+# ---------------------------------------------------------------------------- fallbacks, memory, streams
+
+@pytest.mark.parametrize("refused", [("gelu_aux_bias", "dgelu"), ("gelu_aux_bias", "dgelu", "bias")])
+def test_matmul_falls_back_when_cublaslt_has_no_algorithm(cuda, monkeypatch, refused):
+    # an fp32 GELU epilogue (or any fused one) that cuBLASLt's heuristic has
+    # no algorithm for: the plain GEMM, then our bias / GELU kernels, with the
+    # CPU's results
+    monkeypatch.setattr(fake_cublaslt, "refuse", {(e, "float32") for e in refused})
+    monkeypatch.setattr(fake_cublaslt, "calls", [])
+    rng = np.random.default_rng(12)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    N, C, OC = 26, 16, 40
+    inp, w, b, dout, pre = r(N, C), r(OC, C), r(OC), r(N, OC), r(N, C)
+    ref = [np.empty((N, OC), np.float32) for _ in range(2)]
+    got = [np.full((N, OC), np.nan, np.float32) for _ in range(2)]
+    cpu.matmul_forward(ref[0], inp, w, b, gelu_out=ref[1])
+    cuda.matmul_forward(got[0], inp, w, b, gelu_out=got[1])
+    for g, c in zip(got, ref):
+        assert rel_err(g, c) <= 1e-5
+    dw0, db0 = r(OC, C), r(OC)
+    ref = [np.empty((N, C), np.float32), dw0.copy(), db0.copy()]
+    got = [np.full((N, C), np.nan, np.float32), dw0.copy(), db0.copy()]
+    cpu.matmul_backward(*ref, dout, inp, w, acc=True, gelu_inp=pre, gelu_scratch=np.empty((N, C), np.float32))
+    cuda.matmul_backward(*got, dout, inp, w, acc=True, gelu_inp=pre)
+    for name, g, c in zip(("dinp", "dweight", "dbias"), got, ref):
+        assert rel_err(g, c) <= 1e-5, name
+    ran = {e for e, *_ in fake_cublaslt.calls}
+    assert not ran & set(refused) and "default" in ran
+
+
+def test_backward_scratch_is_what_the_cuda_kernels_need(cuda):
+    # model.Activations asks the backend: (2, N / LN_ROWS_PER_CHUNK, C) layernorm
+    # partial sums and no GELU scratch here, the contract's shapes on the CPU
+    from llmpy.model import Activations
+    cfg = GPTConfig(block_size=64, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
+    on_gpu, on_cpu = Activations(cfg, 2, 40, np, np.float32, cuda), Activations(cfg, 2, 40, np, np.float32, cpu)
+    assert on_gpu.ln_scratch.shape == (2, 3, 16) and on_gpu.scratch4C is None     # ceil(80 / 32) = 3
+    assert on_cpu.ln_scratch.shape == (2, 80, 16) and on_cpu.scratch4C.shape == (80, 64)
+    with pytest.raises(ValueError, match="scratch"):           # less than the kernels write: refused
+        x = np.ones((80, 16), np.float32)
+        cuda.layernorm_backward(x.copy(), np.zeros(16, np.float32), np.zeros(16, np.float32), x, x,
+                                np.ones(16, np.float32), np.zeros(80, np.float32), np.ones(80, np.float32),
+                                np.zeros((2, 2, 16), np.float32))
+
+
+def test_outgrown_scratch_stays_alive_for_captured_graphs(cuda):
+    # a graph recorded with the old buffer's address still writes there on
+    # every replay: the buffer a larger one replaces must not be freed
+    small = cuda.runtime.scratch(10, slot="test")
+    large = cuda.runtime.scratch(100, slot="test")
+    assert large.size == 100 and cuda.runtime.scratch(50, slot="test").base is large.base
+    assert any(b is small.base for b in cuda.runtime._outgrown)
+
+
+@needs_bf16
+def test_the_cudnn_check_hands_back_its_scratch(cuda):
+    # the one-time check runs our batched-GEMM path beside cuDNN; once cuDNN is
+    # chosen, that path's head-major scratch (q, k, v, y, dq, dk, dv) is dropped
+    before = cuda.runtime.scratch_slots()
+    shape, dtype, _ = cuda.attention_saved(2, 2, 8, 8, BF16)
+    assert shape == (2, 2, 8) and dtype == np.float32            # flash attention chosen
+    assert cuda.runtime.scratch_slots() == before
+
+
+def test_check_fits_refuses_d12_fp32_b64_on_an_80_gib_gpu():
+    # issue 13: memory_estimate says 92 GiB for d12 B=64 T=1024 fp32; on 80 GiB
+    # the step fails before allocating, naming a -B whose estimate fits
+    from types import SimpleNamespace
+
+    from llmpy.config import preset
+    from llmpy.errors import LlmpyError
+    from llmpy.model import memory_estimate
+    from llmpy.step import _check_fits
+    cfg, gib = preset("d12"), 2 ** 30
+    model = SimpleNamespace(config=cfg, dtype="fp32", ops=SimpleNamespace(
+        runtime=SimpleNamespace(device_memory=lambda: 80 * gib)))
+    with pytest.raises(LlmpyError) as e:
+        _check_fits(model, 64, 1024)
+    msg = str(e.value)
+    need = memory_estimate(cfg, 64, 1024, "fp32", flash=False)["total"] / gib     # ~91 GiB
+    assert need > 80
+    assert "\n" not in msg and f"~{need:.1f} GiB" in msg and "80.0 GiB" in msg and "-B 32 " in msg
+    assert memory_estimate(cfg, 32, 1024, "fp32", flash=False)["total"] <= 0.9 * 80 * gib
+    _check_fits(model, 32, 1024)                                   # fits: no error
+    model.ops.runtime.device_memory = lambda: None                 # unknown memory: no check
+    _check_fits(model, 64, 1024)
+
+
+def test_device_step_waits_for_the_device_once_and_stages_its_uploads(cuda, monkeypatch):
+    # item 8: the first step waits for the zero-fills, upload and cast queued
+    # on the legacy stream (deviceSynchronize, once); item 10: the micro-batches
+    # go through the two staging sets in turn, and what reaches the device
+    # buffers is the batch and its sort
+    from llmpy.model import GPT
+    from llmpy.optim import AdamW
+    from llmpy.step import DeviceStep
+    syncs = []
+    monkeypatch.setattr(cuda.runtime.cupy.cuda.runtime, "deviceSynchronize", lambda: syncs.append(1),
+                        raising=False)
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg, device="cuda", seed=3)
+    step = DeviceStep(model, AdamW(model), 2, 8, grad_clip=1.0, accum=3)
+    rng = np.random.default_rng(13)
+    for t in (1, 2):
+        batches = [(rng.integers(0, 200, (2, 8)), rng.integers(0, 200, (2, 8))) for _ in range(3)]
+        step(batches, 1e-3, t)
+    assert len(syncs) == 1
+    assert step.staging.i == 6                                      # six micro-batches, alternating sets
+    last_x, last_y = batches[-1]
+    sets = step.staging.sets
+    assert sets[0]["ids"] is not sets[1]["ids"]
+    np.testing.assert_array_equal(sets[1]["ids"], last_x)          # micro-batch 6 used set 1
+    np.testing.assert_array_equal(step.ids, last_x)
+    np.testing.assert_array_equal(step.targets, last_y)
+    sorted_ids, order = cuda.host_sort(last_x)
+    np.testing.assert_array_equal(step.sorted_ids, sorted_ids)
+    np.testing.assert_array_equal(step.order, order)
+
+
+@needs_bf16
+def test_zero1_bf16_gathers_only_the_bf16_copy_each_step(cuda, tmp_path):
+    # item 12: ZeRO-1 with bf16 all-gathers the bf16 weights after each update;
+    # the fp32 master slices are gathered once, when a checkpoint is written
+    from llmpy.checkpoint import save_training_checkpoint
+    from llmpy.dist import Communicator
+    from llmpy.model import GPT
+    from llmpy.optim import AdamW
+    from llmpy.step import HostStep
+
+    class TwoRanks(Communicator):
+        """Rank 0 of 2 whose collectives record what they move (and move nothing)."""
+        rank, world_size = 0, 2
+
+        def __init__(self):
+            self.gathered = []
+
+        def all_gather(self, buf):
+            self.gathered.append(buf)
+
+        def all_reduce_scalar(self, x):
+            return 2 * x
+
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg, device="cuda", seed=3, dtype="bf16")
+    comm = TwoRanks()
+    opt = AdamW(model, shard=comm.bounds(model.params.flat.size))
+    step = HostStep(model, opt, comm)
+    x = np.random.default_rng(14).integers(0, 200, (2, 8))
+    for t in (1, 2):
+        _, _, applied = step((x, x), 1e-3, t)
+        assert applied
+    assert [b is model.compute_params.flat for b in comm.gathered] == [True, True]
+    comm.gathered.clear()
+    comm.barrier = lambda: None
+    save_training_checkpoint(tmp_path, 2, model, opt, {}, comm=comm)
+    assert [b is model.params.flat for b in comm.gathered] == [True]

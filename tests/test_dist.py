@@ -183,14 +183,15 @@ def test_a_lost_rank_stops_the_others_with_a_message(runs, hook):
     """Rank 1 dies (mpirun ends the job) or hangs (rank 0's watchdog gives up
     after --dist-timeout and exits, then mpirun ends the job): no hang."""
     t0 = time.monotonic()
-    r = run([*runs["data"], *TINY, "--out", "lost", "--dist-timeout", "5", "--steps", "20"], runs["root"], 2,
+    out = f"lost_{hook}"          # a fresh --out per case: a reused one holds the other case's run
+    r = run([*runs["data"], *TINY, "--out", out, "--dist-timeout", "5", "--steps", "20"], runs["root"], 2,
             env={hook: "3"}, timeout=120)
     took = time.monotonic() - t0
     assert r.returncode != 0 and took < 60, (took, r.stderr)
     assert f"rank 1: {hook}=3" in r.stderr
     if "HANG" in hook:
         assert "rank 0 waited 5 s in all-reduce for the other ranks" in r.stderr, r.stderr
-    assert not (runs["root"] / "lost" / "ckpt_00000004").exists()
+    assert not (runs["root"] / out / "ckpt_00000004").exists()
 
 
 # ---------------------------------------------------------------------- GPU

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,96 @@ def test_cli_eval_json(tmp_path, model, capsys):
     assert res["examples"] == 3 and 0 <= res["acc"] <= 1 and 0 <= res["acc_norm"] <= 1
     assert main(["eval", str(tmp_path / "m")]) == 2          # neither --data nor --hellaswag
     assert "--hellaswag" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- llm.c's HellaSwag .bin
+
+def write_llmc_eval_bin(path, examples):
+    """llm.c's eval file, written here with struct from its documented layout
+    (dev/data/data_common.py write_evalfile): a 256 x int32 header
+    [20240522, 1, n, longest example in bytes], then per example the uint16s
+    65535, its bytes, its index, label, 4, n_ctx, ctx..., 4 x (n_i, ending_i...)."""
+    import struct
+    body, longest = b"", 0
+    for i, (ctx, ends, label) in enumerate(examples):
+        rest = [i, label, len(ends), len(ctx), *ctx]
+        for e in ends:
+            rest += [len(e), *e]
+        nbytes = 2 * (2 + len(rest))
+        longest = max(longest, nbytes)
+        body += struct.pack(f"<{2 + len(rest)}H", 65535, nbytes, *rest)
+    header = struct.pack("<256i", 20240522, 1, len(examples), longest, *([0] * 252))
+    path.write_bytes(header + body)
+
+
+def tokenized_fixture(tok):
+    return [(tok.encode(ex["ctx"]), [tok.encode(" " + e) for e in ex["endings"]], ex["label"])
+            for ex in map(json.loads, FIXTURE.read_text().splitlines())]
+
+
+def test_llmc_bin_reads_what_was_written(tmp_path, tok):
+    examples = tokenized_fixture(tok)
+    write_llmc_eval_bin(tmp_path / "hellaswag_val.bin", examples)
+    got = evals.read_hellaswag(tmp_path / "hellaswag_val.bin")
+    assert [(g["ctx_tokens"], g["ending_tokens"], g["label"]) for g in got] == examples
+    assert [g["ind"] for g in got] == list(range(len(examples)))
+    assert len(evals.read_hellaswag(tmp_path / "hellaswag_val.bin", limit=2)) == 2
+
+
+def test_llmc_bin_scores_as_the_jsonl(tmp_path, model, tok):
+    """The .bin holds the same tokens as the .jsonl (which is checked against
+    transformers above): the same sums, means and accuracies."""
+    write_llmc_eval_bin(tmp_path / "h.bin", tokenized_fixture(tok))
+    a = evals.hellaswag(model, FIXTURE, tokenizer=tok)
+    b = evals.hellaswag(model, tmp_path / "h.bin")
+    assert (a["acc"], a["acc_norm"], a["examples"]) == (b["acc"], b["acc_norm"], b["examples"])
+    for x, y in zip(a["per_example"], b["per_example"]):
+        np.testing.assert_allclose(x["sum_loss"], y["sum_loss"], rtol=1e-6)
+
+
+def test_wrong_hellaswag_files_are_one_line(tmp_path, tok):
+    good = tmp_path / "good.bin"
+    examples = tokenized_fixture(tok)
+    write_llmc_eval_bin(good, examples)
+    data = good.read_bytes()
+    rng = np.random.default_rng(0)
+    cases = {
+        "shard.bin": (None, "is a token shard"),
+        "random.bin": (rng.integers(0, 256, size=5000, dtype=np.uint8).tobytes(), "not UTF-8 text"),
+        "latin1.jsonl": ('{"ctx": "caf\xe9"}\n'.encode("latin-1"), "latin1.jsonl:1: not UTF-8 text"),
+        "truncated.bin": (data[:-10], "run past the end of the file"),
+        "cut.bin": (data[:1024 + 6], "the file ends inside it"),
+        "trailing.bin": (data + b"\x00\x00", "2 bytes after the"),
+        "version.bin": (data[:4] + (2).to_bytes(4, "little") + data[8:], "version 2, expected 20240522 version 1"),
+        "header.bin": (data[:600], "shorter than the 1024-byte header"),
+        "label.jsonl": (b'{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": "3"}\n', "label in 0..3"),
+        "list.jsonl": (b"[1, 2]\n", "not a JSON object"),
+        "empty.jsonl": (b"\n\n", "no examples"),
+    }
+    write_shard(tmp_path / "shard.bin", rng.integers(0, 50257, size=100))
+    # an example whose length field disagrees with its content
+    bad_len = bytearray(data)
+    bad_len[1024 + 2:1024 + 4] = (int.from_bytes(data[1026:1028], "little") + 2).to_bytes(2, "little")
+    cases["length.bin"] = (bytes(bad_len), "example 0 (byte 1024): its context and endings do not fill its")
+    for name, (content, says) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(LlmpyError, match=re.escape(says)) as e:
+            evals.read_hellaswag(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value), name
+
+
+def test_hellaswag_bin_with_ids_outside_the_vocabulary(tmp_path, tok):
+    m = llmpy.GPT(llmpy.GPTConfig(block_size=64, vocab_size=1000, n_layer=1, n_head=1, n_embd=8))
+    write_llmc_eval_bin(tmp_path / "h.bin", tokenized_fixture(tok)[:1])
+    with pytest.raises(LlmpyError, match="outside the model's vocabulary of 1000"):
+        evals.hellaswag(m, tmp_path / "h.bin")
+
+
+def test_cli_hellaswag_wrong_file(tmp_path, model, capsys):
+    from llmpy.cli import main
+    model.save(tmp_path / "m")
+    (tmp_path / "data.bin").write_bytes(np.random.default_rng(2).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    assert main(["eval", str(tmp_path / "m"), "--hellaswag", str(tmp_path / "data.bin")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "data.bin" in err and "UnicodeDecodeError" not in err

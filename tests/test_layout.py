@@ -109,7 +109,7 @@ def test_every_train_flag_comes_from_train_config_with_help_and_real_default():
     assert set(actions) == set(fields)
     for name, f in fields.items():
         a = actions[name]
-        assert a.default == f.default, name
+        assert a.default == argparse.SUPPRESS, name       # so that --resume can tell what was typed
         assert a.help and a.help.count("\n") == 0, name
         if isinstance(f.default, bool):
             assert a.help.endswith(f"(default: {'on' if f.default else 'off'})"), (name, a.help)
@@ -126,6 +126,19 @@ def test_train_flags_parse_into_the_config():
     assert (tc.batch_size, tc.progress, tc.cuda_graphs, tc.resume, tc.lr, tc.zero_stage) == \
         (3, False, False, True, 3e-4, 1)
     assert TrainConfig.from_args(build_parser().parse_args(["train"])) == TrainConfig()
+    assert TrainConfig.given_flags(args) == {"batch_size", "progress", "cuda_graphs", "resume", "lr", "zero_stage"}
+
+
+def test_resume_keeps_saved_flags_not_given_and_names_the_changed_ones():
+    saved = dataclasses.replace(TrainConfig(), lr=3e-4, steps=30, batch_size=4, data="d/*.bin", stop_at=10).to_dict()
+    args = build_parser().parse_args(["train", "--resume", "--lr", "1e-4", "-B", "2", "--steps", "60"])
+    tc, notes = TrainConfig.from_args(args).resumed(saved, TrainConfig.given_flags(args))
+    assert (tc.lr, tc.batch_size, tc.steps, tc.data, tc.stop_at, tc.resume) == (1e-4, 2, 60, "d/*.bin", None, True)
+    assert notes[0] == "resume: --batch-size 4 -> 2, --lr 0.0003 -> 0.0001, --steps 30 -> 60"
+    assert "--batch-size changed" in notes[1] and "not bitwise" in notes[1]
+    args = build_parser().parse_args(["train", "--resume"])
+    tc, notes = TrainConfig.from_args(args).resumed(saved, TrainConfig.given_flags(args))
+    assert (tc.lr, tc.batch_size, tc.steps, notes) == (3e-4, 4, 30, [])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -133,7 +146,9 @@ def test_train_flags_parse_into_the_config():
     ({"zero_stage": 2}, "--zero-stage 2"),
     ({"dtype": "bf16"}, "--dtype bf16 needs --device cuda"),
     ({"batch_size": 0}, "--batch-size must be positive"),
-    ({"lr": float("nan")}, "--lr must be a positive number"),
+    ({"lr": float("nan")}, "--lr must be positive"),
+    ({"seed": -1}, "--seed must be >= 0"),
+    ({"resume": True, "overwrite": True}, "choose one"),
 ])
 def test_train_config_check_names_the_flag(change, message):
     from llmpy.errors import LlmpyError

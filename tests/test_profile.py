@@ -50,7 +50,7 @@ def test_memory_estimate_counts_what_the_model_allocates():
     model.backward()
     acts = sum(v.nbytes for k, v in vars(model.acts).items()
                if isinstance(v, np.ndarray) and k not in ("ids", "targets"))    # (those are the caller's)
-    est = memory_estimate(cfg, 3, 32, dtype="fp32", flash=False)
+    est = memory_estimate(cfg, 3, 32, dtype="fp32", flash=False, device="cpu")
     assert est["activations"] == acts
     assert est["params_fp32"] == model.params.flat.nbytes and est["grads"] == model.grads.flat.nbytes
     assert est["adamw_m_v"] == opt.m.nbytes + opt.v.nbytes and est["compute_copy"] == 0

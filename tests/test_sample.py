@@ -93,7 +93,7 @@ def test_cache_overflow_is_an_error(model):
 @pytest.mark.parametrize("prompt_len,n_new", [(1, 20), (6, 20), (20, 30), (40, 8)])
 def test_greedy_cached_equals_recompute(model, prompt_len, n_new):
     """Token for token, including contexts that outgrow block_size (32): the
-    cache is refilled from the window exactly when full recomputation slides it."""
+    cache is refilled from the window exactly when full recomputation moves it."""
     prompt = np.random.default_rng(prompt_len).integers(0, VOCAB, size=prompt_len).tolist()
     with_cache = generate(model, prompt, n_new, temperature=0, stop_at_eot=False, use_cache=True)
     without = generate(model, prompt, n_new, temperature=0, stop_at_eot=False, use_cache=False)
@@ -160,3 +160,77 @@ def test_eot_stops_generation(model):
     for use_cache in (True, False):
         assert generate(m, [1, 2, 3], 10, temperature=0, eot=7, use_cache=use_cache) == []
         assert generate(m, [1, 2, 3], 3, temperature=0, eot=7, stop_at_eot=False, use_cache=use_cache) == [7, 7, 7]
+
+
+# ---------------------------------------------------------------------------- past the context
+
+def window_rule(prompt_len, n_new, block):
+    """The windows the module docstring promises, written out independently:
+    ctx[start:] for each new token, start moving to len(ctx) - block // 2
+    whenever the window would exceed block tokens."""
+    start, length, starts = max(0, prompt_len - block), prompt_len, []
+    for _ in range(n_new):
+        if length - start > block:
+            start = length - block // 2
+        starts.append(start)
+        length += 1
+    return starts
+
+
+def test_past_the_context_uses_the_documented_windows():
+    """Greedy tokens past block_size (16) are the argmax of forward() on exactly
+    the windows of the docstring's rule, for the cache and for full recompute;
+    the model sees between block/2 and block tokens."""
+    block = 16
+    m = make_model(seed=3, block=block)
+    prompt = [4, 8, 15, 16, 23]
+    n_new = 60
+    starts = window_rule(len(prompt), n_new, block)
+    assert all(block // 2 <= len(prompt) + i - s <= block for i, s in enumerate(starts) if len(prompt) + i >= block)
+    ctx, want = list(prompt), []
+    for s in starts:
+        logits, _ = m.forward(np.asarray([ctx[s:]]))
+        want.append(int(np.argmax(logits[0, -1])))
+        ctx.append(want[-1])
+    assert len(set(want[block:])) > 3, "degenerate model: the test would prove little"
+    for use_cache in (True, False):
+        assert generate(m, prompt, n_new, temperature=0, stop_at_eot=False, use_cache=use_cache) == want
+
+
+def test_long_prompt_starts_from_its_last_block_tokens():
+    block = 16
+    m = make_model(seed=4, block=block)
+    prompt = np.random.default_rng(5).integers(0, VOCAB, size=40).tolist()
+    logits, _ = m.forward(np.asarray([prompt[-block:]]))
+    assert generate(m, prompt, 1, temperature=0, stop_at_eot=False) == [int(np.argmax(logits[0, -1]))]
+
+
+def test_refills_are_amortised(monkeypatch):
+    """Past the context the cache is refilled once per block/2 new tokens, not
+    once per token: count the multi-token calls of forward_cached."""
+    import llmpy.inference as inference
+    block, n_new = 32, 200
+    m = make_model(seed=6, block=block)
+    calls = []
+    real = inference.forward_cached
+    monkeypatch.setattr(inference, "forward_cached",
+                        lambda model, ids, cache, **kw: calls.append(ids.shape[1]) or real(model, ids, cache, **kw))
+    out = generate(m, [1, 2, 3], n_new, temperature=0, stop_at_eot=False)
+    assert len(out) == n_new == len(calls)
+    refills = sum(t > 1 for t in calls[1:])         # calls[0] is the prompt's prefill
+    past = 3 + n_new - 1 - block                     # tokens sampled past the context: 170
+    assert refills == len(set(window_rule(3, n_new, block))) - 1 == 10
+    assert refills <= past / (block // 2)            # (refilling every token: 170)
+    assert all(t == block // 2 for t in calls[1:] if t > 1)
+
+
+@pytest.mark.parametrize("kwargs,flag", [({"temperature": -1.0}, "--temperature"), ({"temperature": float("nan")},
+                         "--temperature"), ({"temperature": float("inf")}, "--temperature"),
+                         ({"top_k": 0}, "--top-k"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+                         ({"top_p": float("nan")}, "--top-p")])
+def test_sampling_settings_are_checked(model, kwargs, flag):
+    with pytest.raises(LlmpyError, match=flag):
+        generate(model, [1], 3, **kwargs)
+    with pytest.raises(LlmpyError, match="--tokens"):
+        generate(model, [1], -1)
+    assert len(generate(model, [1], 3, top_p=1.0, top_k=1, stop_at_eot=False)) == 3     # the bounds themselves

@@ -26,6 +26,9 @@ processes into llm.c-format shards of `shard_size` tokens:
     fineweb-edu      HuggingFaceFW/fineweb-edu sample/10BT parquet files, one by one;
                      val = the first shard
     hellaswag        rowanz/hellaswag jsonl, only downloaded (the eval tokenizes it)
+
+Your own files (.txt, .md, .jsonl, .parquet, folders, globs) go through the
+same tokenizing workers and shard writer: text.py.
 """
 from __future__ import annotations
 
@@ -167,11 +170,8 @@ def prepare_corpus(name: str, out_dir, shard_size: int = SHARD_SIZE, workers: in
         workers = os.cpu_count() or 1
     if val_tokens is None:
         val_tokens = TINYSHAKESPEARE_VAL_TOKENS if name == "tinyshakespeare" else shard_size
-    for flag, v in (("--shard-size", shard_size), ("--workers", workers),
-                    ("--max-tokens", max_tokens), ("--shards", shards),
-                    ("--val-tokens", val_tokens)):
-        if v is not None and (not isinstance(v, int) or v <= 0):
-            raise LlmpyError(f"{flag} must be a positive integer, got {v!r}")
+    check_positive({"--shard-size": shard_size, "--workers": workers, "--max-tokens": max_tokens,
+                    "--shards": shards, "--val-tokens": val_tokens})
 
     out = Path(out_dir)
     settings = {"name": name, "shard_size": shard_size, "val_tokens": val_tokens,
@@ -262,11 +262,18 @@ _CORPORA = {"tinyshakespeare": _tinyshakespeare, "tinystories": _tinystories,
             "fineweb-edu": _fineweb_edu}
 
 
-def _pyarrow_parquet():
+def check_positive(flags: dict) -> None:
+    """One line for the first flag (name -> value; None: not given) that is not a positive integer."""
+    for flag, v in flags.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise LlmpyError(f"{flag} must be a positive integer, got {v!r}")
+
+
+def _pyarrow_parquet(what: str = "fineweb-edu comes as parquet files, which need"):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise LlmpyError(f"fineweb-edu comes as parquet files, which need pyarrow; run `{_DATA_EXTRA}`") from None
+        raise LlmpyError(f"{what} pyarrow; run `{_DATA_EXTRA}`") from None
     return pq
 
 

@@ -108,12 +108,19 @@ def _mergeable_ranks(encoder_json: bytes, vocab_bpe: bytes) -> dict[bytes, int]:
     return ranks
 
 
+def vocabulary_files() -> tuple[bytes, bytes]:
+    """(encoder.json, vocab.bpe): the bytes of OpenAI's two GPT-2 vocabulary
+    files, sha256-checked. Hugging Face names the same files vocab.json and
+    merges.txt (formats/hf.py writes them into model directories)."""
+    data = _data_dir()
+    return (_read_checked(data / "encoder.json", ENCODER_JSON_SHA256),
+            _read_checked(data / "vocab.bpe", VOCAB_BPE_SHA256))
+
+
 @functools.lru_cache(maxsize=1)
 def _encoding() -> tiktoken.Encoding:
     """Build the Encoding once per process (about a second: 50K merges to check)."""
-    data = _data_dir()
-    encoder_json = _read_checked(data / "encoder.json", ENCODER_JSON_SHA256)
-    vocab_bpe = _read_checked(data / "vocab.bpe", VOCAB_BPE_SHA256)
+    encoder_json, vocab_bpe = vocabulary_files()
     return tiktoken.Encoding(
         "gpt2",
         pat_str=GPT2_PATTERN,

@@ -1,7 +1,8 @@
 """Model file formats, read and written without the model class.
 
     hf.py    Hugging Face GPT-2 directories: config.json, model.safetensors
-             (fp32 written; fp32/fp16/bf16 read), pytorch_model.bin (read,
+             (fp32 written; fp32/fp16/bf16 read), the tokenizer files and
+             generation_config.json (written), pytorch_model.bin (read,
              with torch), hub names (downloaded), and the HF tensor names
              and layouts (to_hf / from_hf)
     llmc.py  llm.c's files: model weights (.bin, fp32 v3 / bf16 v5), the
@@ -20,7 +21,9 @@ from . import hf, llmc
 
 def save_model(model, path, format: str = "hf", dtype: str = "fp32"):
     """Write a model: format "hf" is a Hugging Face directory (config.json +
-    model.safetensors, fp32); format "llmc" is one llm.c model file (fp32 or bf16)."""
+    model.safetensors, fp32, and for GPT-2's vocabulary the tokenizer files and
+    generation_config.json: a text model transformers loads as it is); format
+    "llmc" is one llm.c model file (fp32 or bf16)."""
     if format == "llmc":
         llmc.write_model(path, model.config, model.ops.to_host(model.params.flat), dtype=dtype)
         return

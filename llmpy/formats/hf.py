@@ -5,8 +5,11 @@ and `from_pretrained` reads: config.json holds the shape, model.safetensors
 the tensors under HF's names. Their layouts differ from llmpy's in one way:
 HF's GPT-2 uses Conv1D layers, which store a weight as W^T (in, out), where
 llmpy stores W (out, in); the LM head is tied to wte, so there is no
-lm_head.weight to write. Written here: fp32 safetensors and config.json, each
-atomically (fileio.py). Read here besides: bfloat16 safetensors (by the
+lm_head.weight to write. Written here: fp32 safetensors and config.json and,
+for a model over GPT-2's vocabulary, the tokenizer files and
+generation_config.json (so that `AutoTokenizer.from_pretrained(dir)` and
+`pipeline("text-generation", model=dir)` work on the directory as it is),
+each atomically (fileio.py). Read here besides: bfloat16 safetensors (by the
 file's format, NumPy having no bfloat16), pytorch_model.bin (with torch
 installed) and hub names, downloaded (or found in the local cache) by
 huggingface_hub.
@@ -18,7 +21,6 @@ LlmpyError line.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..errors import LlmpyError
-from ..fileio import atomic_write_json, read_json_object, slow_write_hook
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_safetensors, read_json_object, slow_write_hook
 from ..gpt2_layout import parameter_shapes
 from ..tensors import FlatTensors
 from .llmc import bf16_bits_to_fp32
@@ -142,17 +144,60 @@ def from_hf(sd: dict, cfg: GPTConfig, source: str = "state dict") -> FlatTensors
 
 def save(path, cfg: GPTConfig, sd: dict):
     """Write a Hugging Face directory: model.safetensors (the tensors `sd`, HF
-    names, fp32), then config.json; each file appears whole or not at all."""
-    from safetensors.numpy import save_file
+    names, fp32), the tokenizer files and generation_config.json (a model
+    over GPT-2's vocabulary), then config.json; each file appears whole or
+    not at all."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path / "model.safetensors")
+    atomic_write_safetensors(path / "model.safetensors", sd, metadata={"format": "pt"})
     slow_write_hook()
+    if cfg.vocab_size == GPT2_VOCAB_SIZE:
+        for name, data in text_model_files(cfg).items():
+            atomic_write_bytes(path / name, data)
     atomic_write_json(path / "config.json", hf_config(cfg))
+
+
+# ---------------------------------------------------------------------- tokenizer and generation config
+
+# GPT-2's vocabulary: 50257 ids, the last one <|endoftext|>, which is GPT-2's
+# only special token and serves as beginning, end and padding alike.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT_ID = 50256
+GPT2_EOT_TEXT = "<|endoftext|>"
+
+
+def text_model_files(cfg: GPTConfig) -> dict[str, bytes]:
+    """file name -> bytes of what turns a GPT-2 weights directory into a text
+    model for transformers, as the hub's gpt2 repository has them:
+
+        vocab.json, merges.txt   OpenAI's encoder.json and vocab.bpe, byte for
+                                 byte (the files llmpy tokenizes with,
+                                 sha256-checked by data/tokenizer.py); from
+                                 them AutoTokenizer builds its fast (Rust)
+                                 tokenizer itself, so no tokenizer.json is
+                                 written (it would need the `tokenizers`
+                                 package here, and 1.5 MB per checkpoint)
+        tokenizer_config.json,   which class reads them; <|endoftext|> as bos,
+        special_tokens_map.json  eos and unk; no space added before the text
+                                 and none removed when decoding (so decode
+                                 gives back the text, as llmpy's does)
+        generation_config.json   bos/eos/pad = 50256: generation stops at
+                                 <|endoftext|>, greedy unless asked otherwise
+    """
+    from ..data.tokenizer import vocabulary_files
+    encoder_json, vocab_bpe = vocabulary_files()
+    special = {"bos_token": GPT2_EOT_TEXT, "eos_token": GPT2_EOT_TEXT, "unk_token": GPT2_EOT_TEXT}
+    tokenizer_config = dict(special, tokenizer_class="GPT2Tokenizer", model_max_length=cfg.block_size,
+                            add_prefix_space=False, add_bos_token=False, clean_up_tokenization_spaces=False,
+                            errors="replace")
+    generation_config = {"bos_token_id": GPT2_EOT_ID, "eos_token_id": GPT2_EOT_ID, "pad_token_id": GPT2_EOT_ID}
+
+    def as_json(obj) -> bytes:
+        return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return {"vocab.json": encoder_json, "merges.txt": vocab_bpe,
+            "tokenizer_config.json": as_json(tokenizer_config),
+            "special_tokens_map.json": as_json(special),
+            "generation_config.json": as_json(generation_config)}
 
 
 # ---------------------------------------------------------------------- reading
@@ -315,8 +360,12 @@ def from_hub(name: str) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
     except LocalEntryNotFoundError:
-        raise LlmpyError(f"{need_local}; the Hugging Face hub is not reachable (offline, or HF_HUB_OFFLINE is "
-                         f"set) and {name!r} is not in the local cache") from None
+        from huggingface_hub import constants
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network, or the hub is down"
+        raise LlmpyError(f"{name}: not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub is not "
+                         f"reachable ({why}); run once with network and without HF_HUB_OFFLINE to download it, "
+                         "point HF_HUB_CACHE (or HF_HOME) at a cache that has it, or pass a local model "
+                         "directory or llm.c .bin file") from None
     except RepositoryNotFoundError:
         raise LlmpyError(f"{need_local}; the Hugging Face hub has no model {name!r}") from None
     except Exception as e:      # network trouble of any kind: one line for the user

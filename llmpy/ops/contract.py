@@ -128,6 +128,8 @@ OPS: dict[str, Op] = {
 ATTRIBUTES = {
     "name": "the backend's name, 'cpu' or 'cuda'",
     "xp": "its array module (numpy, or cupy): what the model allocates with",
+    "ln_scratch_rows_per_chunk": "layernorm_backward's scratch holds (2, ceil(N / this), C) float32 partial sums",
+    "needs_gelu_scratch": "whether matmul_backward(gelu_inp=...) needs gelu_scratch (N, 4C), or None will do",
 }
 
 HELPERS: dict[str, Op] = {

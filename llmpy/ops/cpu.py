@@ -24,6 +24,8 @@ from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, 
 
 name = "cpu"
 xp = np                     # the array module of this backend
+ln_scratch_rows_per_chunk = 1   # layernorm_backward sums dweight, dbias over (2, N, C) products
+needs_gelu_scratch = True       # matmul_backward's GELU derivative goes through gelu_scratch
 
 
 def storage_dtype(dtype: str):

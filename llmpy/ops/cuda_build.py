@@ -22,11 +22,13 @@ KERNEL_DIR = Path(__file__).parent / "cuda"      # *.cu, one per layer family, b
 
 LN_ROWS_PER_CHUNK = 32      # layernorm.cu: rows per partial sum of dweight / dbias (stage 1)
 BIAS_ROWS_PER_CHUNK = 64    # matmul.cu: rows per partial sum of a bias gradient (stage 1)
+ENCODER_SEGMENT = 128       # encoder.cu: sorted positions per block of the dwte scatter-add (pass 1)
 
 DEFINES = {
     "LN_EPS": contract.LN_EPS,
     "LN_ROWS_PER_CHUNK": LN_ROWS_PER_CHUNK,
     "BIAS_ROWS_PER_CHUNK": BIAS_ROWS_PER_CHUNK,
+    "ENCODER_SEGMENT": ENCODER_SEGMENT,
     "GELU_S": contract.GELU_S,
     "GELU_A": contract.GELU_A,
 }

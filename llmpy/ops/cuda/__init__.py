@@ -54,6 +54,7 @@ from .matmul import matmul_backward, matmul_forward, matmul_library  # noqa: F40
 from .optimizer import (accumulate_sum, adamw_hyper, adamw_step_flat, cast, sum_of_squares,  # noqa: F401
                         sum_of_squares_into)
 from .runtime import storage_dtype, synchronize, to_host, upload, zero  # noqa: F401
+from ..cuda_build import LN_ROWS_PER_CHUNK
 
 name = "cuda"
 xp = cupy                   # the array module of this backend
@@ -62,3 +63,11 @@ xp = cupy                   # the array module of this backend
 # allocates or copies from the host per call: the cuBLASLt path (fixed
 # workspace, scratch buffers), not CuPy's cuBLAS calls.
 capturable = matmul.lt is not None
+
+# How much scratch the backward's ops need here (model.Activations asks; the
+# CPU reference needs the contract's shapes): layernorm_backward keeps only
+# the column sums of each chunk of LN_ROWS_PER_CHUNK rows, (2, N / 32, C)
+# float32 instead of (2, N, C), and matmul_backward's GELU derivative needs no
+# gelu_scratch (the DGELU epilogue, or our kernel in place).
+ln_scratch_rows_per_chunk = LN_ROWS_PER_CHUNK
+needs_gelu_scratch = False

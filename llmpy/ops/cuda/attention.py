@@ -29,8 +29,8 @@ import numpy as np
 
 from .. import contract, shared
 from . import matmul
-from .runtime import (BLOCK, WARP, bf16_dtype, blocks, check_f32, check_floatx, f32, i32, i64, kernel, ptr,
-                      scratch, stream)
+from .runtime import (BLOCK, WARP, bf16_dtype, blocks, check_f32, check_floatx, drop_scratch, f32, i32, i64,
+                      kernel, ptr, scratch, scratch_slots, stream)
 
 cudnn, attention_library = None, "batched GEMM + our softmax kernels"
 if os.environ.get("LLMPY_CUDNN", "1") != "0":
@@ -217,11 +217,15 @@ def _backward_cupy(dqkv, dout, qkv, att, datt, n_head, bf):
 
 def _cudnn_ok(B, NH, T, hs) -> bool:
     """Run cuDNN once on random data of this shape and compare it with our own
-    path; any error or disagreement turns cuDNN off for the shape, saying why."""
+    path; any error or disagreement turns cuDNN off for the shape, saying why.
+    What the check allocated goes back afterwards: the arrays, and the
+    head-major q/k/v/y/dq/dk/dv scratch our path made (7 B T C values: 0.7 GB
+    at d12 B=64 in bf16), which flash attention never uses again."""
     key = (B, NH, T, hs)
     if key not in _cudnn_verdicts:
         bf16 = bf16_dtype()
         C = NH * hs
+        slots_before = scratch_slots()
         try:
             rng = np.random.default_rng(0)
             qkv = cupy.asarray(rng.standard_normal((B, T, 3 * C), dtype=np.float32).astype(bf16))
@@ -242,6 +246,9 @@ def _cudnn_ok(B, NH, T, hs) -> bool:
             why = f"differs from our kernels (rel. error out {e_out:.1e}, dqkv {e_dqkv:.1e})"
         except Exception as e:
             ok, why = False, f"{type(e).__name__}: {str(e)[:300]}"
+        qkv = dout = out = stats = dqkv = ref_out = ref_dqkv = None      # the check's arrays, released
+        if ok:                              # flash attention from now on: our path's scratch is unused
+            drop_scratch(scratch_slots() - slots_before)
         if not ok:
             print(f"llmpy: cuDNN attention off for B={B} NH={NH} T={T} hs={hs}: {why}; using batched GEMMs",
                   file=sys.stderr)

@@ -23,7 +23,13 @@ d_stride elements each time (strided batched GEMM), and then the epilogue on D:
 
 Numerics: float32 compute (CUBLAS_COMPUTE_32F, no TF32) for both storage
 types: bf16 inputs and outputs with float32 accumulation, or float32 all
-through (matching the NumPy reference).
+through (matching the NumPy reference). `tf32 = True` (matmul.use_tf32,
+`llmpy train --tf32`) lets float32 GEMMs planned from then on round their
+inputs to TF32 on the tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32).
+
+A heuristic that finds no algorithm (an epilogue the library has no kernel
+for at this shape and type: fp32 GELU epilogues on some GPUs) raises
+NoAlgorithm, once per plan: the caller then takes the unfused path.
 """
 from __future__ import annotations
 
@@ -32,11 +38,16 @@ import numpy as np
 from nvmath.bindings import cublasLt as lt
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14          # cudaDataType_t
-CUBLAS_COMPUTE_32F = 68                   # cublasComputeType_t
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77   # cublasComputeType_t
 OPS = {"N": 0, "T": 1}                    # cublasOperation_t
 EPILOGUES = {"default": lt.Epilogue.DEFAULT, "bias": lt.Epilogue.BIAS,
              "gelu_aux_bias": lt.Epilogue.GELU_AUX_BIAS, "dgelu": lt.Epilogue.DGELU}
 WORKSPACE_BYTES = 32 << 20                # cuBLASLt's recommendation for Hopper
+tf32 = False                              # float32 storage: TF32 tensor cores (set before the plans are made)
+
+
+class NoAlgorithm(RuntimeError):
+    """cuBLASLt's heuristic has no algorithm for this GEMM and epilogue."""
 
 
 def _dtype_code(dtype) -> int:
@@ -46,7 +57,7 @@ def _dtype_code(dtype) -> int:
 class _State:
     handle = None
     workspace = None           # one fixed buffer, shared by every call (calls are serial on a stream)
-    plans: dict = {}           # key -> (desc, adesc, bdesc, ddesc, heuristic result)
+    plans: dict = {}           # key -> (desc, adesc, bdesc, ddesc, heuristic result), or None: no algorithm
     scalars: dict = {}         # (alpha, beta) -> float32 host array kept alive
 
 
@@ -80,13 +91,17 @@ def _layout(t, rows, cols, ld, batch, stride):
 
 
 def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, aligns, batch, strides):
-    key = (transa, transb, m, n, k, lda, ldb, ldd, np.dtype(dtype).str, epilogue, aux_ld, aligns, batch, strides)
-    plan = _State.plans.get(key)
-    if plan is not None:
+    fast = tf32 and np.dtype(dtype) == np.float32
+    key = (transa, transb, m, n, k, lda, ldb, ldd, np.dtype(dtype).str, epilogue, aux_ld, aligns, batch, strides,
+           fast)
+    if key in _State.plans:
+        plan = _State.plans[key]
+        if plan is None:
+            raise NoAlgorithm(f"cuBLASLt has no algorithm for {key}")
         return plan
     A = lt.MatmulDescAttribute
     t = _dtype_code(dtype)
-    desc = lt.matmul_desc_create(CUBLAS_COMPUTE_32F, CUDA_R_32F)
+    desc = lt.matmul_desc_create(CUBLAS_COMPUTE_32F_FAST_TF32 if fast else CUBLAS_COMPUTE_32F, CUDA_R_32F)
     set_desc = lambda attr, v: _set(lt.matmul_desc_set_attribute,  # noqa: E731
                                     lt.get_matmul_desc_attribute_dtype, desc, attr, v)
     set_desc(A.TRANSA, OPS[transa])
@@ -120,7 +135,11 @@ def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, align
                                  found.ctypes.data)
     lt.matmul_preference_destroy(pref)
     if found[0] == 0:
-        raise RuntimeError(f"cuBLASLt has no algorithm for {key}")
+        lt.matmul_desc_destroy(desc)
+        for layout in (adesc, bdesc, ddesc):
+            lt.matrix_layout_destroy(layout)
+        _State.plans[key] = None                 # asked once: the next call goes straight to the fallback
+        raise NoAlgorithm(f"cuBLASLt has no algorithm for {key}")
     plan = (desc, adesc, bdesc, ddesc, result)
     _State.plans[key] = plan
     return plan

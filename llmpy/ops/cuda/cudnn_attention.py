@@ -111,8 +111,11 @@ def _built(describe, B, NH, T, hs):
 
 def _workspace(graph):
     import cupy
+
+    from .runtime import outgrow
     n = max(1, graph.get_workspace_size())
     if _State.workspace is None or _State.workspace.size < n:
+        outgrow(_State.workspace)      # a captured graph may still hold the old address
         _State.workspace = cupy.empty(n, dtype=cupy.uint8)
     return _State.workspace
 

@@ -2,14 +2,15 @@
 
 Kernels in encoder.cu (read it for the math of the backward and why its
 scatter-add is deterministic without atomics: runs of equal ids, summed in
-sorted order).
+sorted order, segment by segment, long runs in a second pass).
 """
 from __future__ import annotations
 
 import cupy
 import numpy as np
 
-from .runtime import BLOCK, WARP, blocks, check_floatx, i32, ids64, kernel, zero
+from ..cuda_build import ENCODER_SEGMENT
+from .runtime import BLOCK, WARP, blocks, check_floatx, i32, ids64, kernel, scratch, zero
 
 
 def encoder_forward(out, ids, wte, wpe):
@@ -57,6 +58,13 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
         flat = ids64(ids)
         order = cupy.argsort(flat * N + cupy.arange(N, dtype=cupy.int64))
         sorted_ids = cupy.ascontiguousarray(flat[order])
-    # one block per sorted position, a warp-multiple of threads over the channels
+    # segments of ENCODER_SEGMENT sorted positions x a warp-multiple of channels;
+    # pass 1 sums the runs inside each segment, pass 2 the runs that cross segments
+    nseg = blocks(N, ENCODER_SEGMENT)
+    threads = min(BLOCK, WARP * blocks(C, WARP))
+    grid = (nseg, blocks(C, threads))
+    pieces = scratch(nseg * 2 * C, slot="encoder_pieces")       # (nseg, 2, C) float32
     kernel("encoder.cu", "encoder_backward_wte", bf)(
-        (N,), (min(BLOCK, WARP * blocks(C, WARP)),), (dwte, dout, sorted_ids, order, i32(N), i32(C)))
+        grid, (threads,), (dwte, pieces, dout, sorted_ids, order, i32(N), i32(C)))
+    kernel("encoder.cu", "encoder_backward_wte_crossing", bf)(
+        grid, (threads,), (dwte, pieces, sorted_ids, i32(N), i32(C)))

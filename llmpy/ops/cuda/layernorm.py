@@ -34,7 +34,8 @@ def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias):
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, acc=True):
-    # dinp is ADDED to; scratch (2, N, C) float32 holds the column partial sums.
+    # dinp is ADDED to; scratch (2, >= ceil(N / LN_ROWS_PER_CHUNK), C) float32
+    # holds the column partial sums (the contract's (2, N, C) is more than enough).
     check_f32(mean, rstd, scratch)
     bf = check_floatx(dinp, dweight, dbias, dout, inp, weight)
     C = inp.shape[-1]
@@ -42,7 +43,9 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     kernel("layernorm.cu", "layernorm_backward_input", bf)(
         (blocks(N, ROWS_PER_BLOCK),), (BLOCK,), (dinp, dout, inp, weight, mean, rstd, i32(N), i32(C)))
     nchunks = blocks(N, LN_ROWS_PER_CHUNK)
-    partial_w, partial_b = scratch[0], scratch[1]         # each holds N*C >= nchunks*C floats
+    if scratch.shape[0] != 2 or scratch[0].size < nchunks * C:
+        raise ValueError(f"layernorm_backward: scratch {scratch.shape} holds less than (2, {nchunks}, {C})")
+    partial_w, partial_b = scratch[0], scratch[1]         # each holds >= nchunks * C floats
     kernel("layernorm.cu", "layernorm_backward_params_partial", bf)(
         (blocks(C), nchunks), (BLOCK,), (partial_w, partial_b, dout, inp, mean, rstd, i32(N), i32(C)))
     kernel("layernorm.cu", "layernorm_backward_params_final", bf)(

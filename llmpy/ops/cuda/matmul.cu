@@ -33,3 +33,12 @@ extern "C" __global__ void bias_backward_final(floatX* dbias, const float* parti
     for (int k = 0; k < nchunks; k++) s += partial[(long long)k * OC + o];
     dbias[o] = from_f(acc ? to_f(dbias[o]) + s : s);
 }
+
+// out[n, o] += bias[o] (N, OC): the bias of a product whose GEMM could not
+// add it in its epilogue (matmul.py's fallback when cuBLASLt has no
+// algorithm for the fused one). One thread per element, in float, one rounding.
+extern "C" __global__ void bias_forward(floatX* out, const floatX* bias, int N, int OC) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)N * OC) return;
+    out[i] = from_f(to_f(out[i]) + to_f(bias[i % OC]));
+}

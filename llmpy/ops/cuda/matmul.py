@@ -6,7 +6,10 @@ fused into the GEMM epilogue, and a beta = 1 GEMM accumulating parameter
 gradients in place; otherwise cuBLAS through CuPy (_gemm) and separate bias /
 GELU passes. The choice is made once, here, at import (LLMPY_CUBLASLT=0
 turns cuBLASLt off, to compare); `matmul_library` says which, and why.
-The bias gradient is our own kernel (matmul.cu) on both paths.
+Where cuBLASLt has no algorithm for a fused epilogue (cublaslt.NoAlgorithm:
+an fp32 GELU epilogue, say), that product takes the unfused path: the plain
+GEMM, then our bias and GELU kernels. The bias gradient is our own kernel
+(matmul.cu) on both paths. use_tf32(True): float32 GEMMs on TF32 tensor cores.
 """
 from __future__ import annotations
 
@@ -26,6 +29,19 @@ if os.environ.get("LLMPY_CUBLASLT", "1") != "0":
         matmul_library = "cublaslt (nvmath)"
     except Exception as e:      # ImportError, or an nvmath that does not match the CUDA install
         matmul_library = f"cublas (cupy); cuBLASLt unavailable: {type(e).__name__}: {e}"
+
+
+def use_tf32(on: bool):
+    """float32 storage: let the GEMMs planned from now on use TF32 tensor cores
+    (`llmpy train --tf32`). cuBLASLt's compute type; on CuPy's cuBLAS path,
+    CuPy's own switch (CUPY_TF32=1 in the environment before CuPy starts)."""
+    if lt is not None:
+        lt.tf32 = bool(on)
+
+
+def _add_bias(out, bias, N, OC, bf):
+    # out (N, OC) += bias (OC,), our kernel (the fused epilogue's fallback)
+    kernel("matmul.cu", "bias_forward", bf)((blocks(N * OC),), (BLOCK,), (out, bias, i32(N), i32(OC)))
 
 
 def _gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
@@ -62,7 +78,7 @@ def _gemm(transa, transb, a, b, out, alpha=1.0, beta=0.0):
 def matmul_forward(out, inp, weight, bias, gelu_out=None):
     # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None; with
     # gelu_out (N, OC): also gelu_out = gelu(out) (see cpu.matmul_forward)
-    check_floatx(out, inp, weight, bias, gelu_out)
+    bf = check_floatx(out, inp, weight, bias, gelu_out)
     OC, C = weight.shape
     N = inp.size // C
     if lt is None:
@@ -75,12 +91,21 @@ def matmul_forward(out, inp, weight, bias, gelu_out=None):
     if gelu_out is not None and bias is not None and OC % 8 == 0:
         # (cuBLASLt wants the aux matrix's leading dimension a multiple of 8)
         # one pass: out = inp W^T + b kept as the epilogue's aux, gelu_out = gelu(out)
-        lt.gemm("T", "N", OC, N, C, ptr(weight), C, ptr(inp), C, ptr(gelu_out), OC, out.dtype,
-                epilogue="gelu_aux_bias", bias=ptr(bias), aux=ptr(out), aux_ld=OC, stream=stream())
-        return
-    lt.gemm("T", "N", OC, N, C, ptr(weight), C, ptr(inp), C, ptr(out), OC, out.dtype,
-            epilogue="default" if bias is None else "bias", bias=0 if bias is None else ptr(bias),
-            stream=stream())
+        try:
+            lt.gemm("T", "N", OC, N, C, ptr(weight), C, ptr(inp), C, ptr(gelu_out), OC, out.dtype,
+                    epilogue="gelu_aux_bias", bias=ptr(bias), aux=ptr(out), aux_ld=OC, stream=stream())
+            return
+        except lt.NoAlgorithm:
+            pass                        # the same in three steps, below
+    try:
+        lt.gemm("T", "N", OC, N, C, ptr(weight), C, ptr(inp), C, ptr(out), OC, out.dtype,
+                epilogue="default" if bias is None else "bias", bias=0 if bias is None else ptr(bias),
+                stream=stream())
+    except lt.NoAlgorithm:
+        if bias is None:
+            raise
+        lt.gemm("T", "N", OC, N, C, ptr(weight), C, ptr(inp), C, ptr(out), OC, out.dtype, stream=stream())
+        _add_bias(out, bias, N, OC, bf)
     if gelu_out is not None:
         gelu_forward(gelu_out, out)
 
@@ -101,9 +126,15 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
         fuse_dgelu = gelu_inp is not None and C % 8 == 0    # aux leading dimension: a multiple of 8
         if dinp is not None:
             # dinp^T (C x N) = W^T (C x OC: W's buffer, op N, ld C) @ dout^T (OC x N: dout's buffer, ld OC)
-            lt.gemm("N", "N", C, N, OC, ptr(weight), C, ptr(dout), OC, ptr(dinp), C, dinp.dtype,
-                    epilogue="dgelu" if fuse_dgelu else "default",
-                    aux=ptr(gelu_inp) if fuse_dgelu else 0, aux_ld=C, stream=stream())
+            if fuse_dgelu:
+                try:
+                    lt.gemm("N", "N", C, N, OC, ptr(weight), C, ptr(dout), OC, ptr(dinp), C, dinp.dtype,
+                            epilogue="dgelu", aux=ptr(gelu_inp), aux_ld=C, stream=stream())
+                except lt.NoAlgorithm:
+                    fuse_dgelu = False      # the plain product, then our GELU-derivative kernel
+            if not fuse_dgelu:
+                lt.gemm("N", "N", C, N, OC, ptr(weight), C, ptr(dout), OC, ptr(dinp), C, dinp.dtype,
+                        stream=stream())
             if gelu_inp is not None and not fuse_dgelu:
                 gelu_backward(dinp, gelu_inp, dinp, None)
         # dW^T (C x OC) (+)= inp^T (C x N: inp's buffer, op N, ld C) @ dout (N x OC: dout's buffer, op T, ld OC)

@@ -153,14 +153,110 @@ def upload(dst, host):
 
 
 _scratch_buf: dict = {}
+# Buffers that a larger one replaced, kept alive: a captured CUDA graph holds
+# the addresses it was recorded with, so a buffer freed while a graph refers
+# to it would have the replay write into memory CuPy has handed to someone
+# else. Growth happens during the first (eager) run of each new shape, so
+# this holds a few small early buffers, not a leak per step.
+_outgrown: list = []
+
+
+def outgrow(old):
+    """Keep `old`, a buffer being replaced by a larger one, alive for the process."""
+    if old is not None:
+        _outgrown.append(old)
 
 
 def scratch(n: int, dtype=np.float32, slot: str = "reduce"):
     """A work buffer of at least n elements of dtype, one per (slot, dtype),
     kept and grown as needed (the same memory every step: no allocation in
-    the steady state, which CUDA graph capture needs)."""
+    the steady state, which CUDA graph capture needs; a buffer it outgrows
+    stays alive, see _outgrown)."""
     key = (slot, np.dtype(dtype).str)
     buf = _scratch_buf.get(key)
     if buf is None or buf.size < n:
+        outgrow(buf)
         buf = _scratch_buf[key] = cupy.empty(max(n, 1), dtype=dtype)
     return buf[:n]
+
+
+def scratch_slots() -> set:
+    """The (slot, dtype) keys of the scratch buffers made so far."""
+    return set(_scratch_buf)
+
+
+def drop_scratch(keys):
+    """Forget the scratch buffers `keys` (made after scratch_slots() was read,
+    by work no graph has recorded: attention's one-time cuDNN check) and hand
+    the memory CuPy's pool holds unused back to the driver."""
+    for key in keys:
+        _scratch_buf.pop(key, None)
+    if hasattr(cupy, "get_default_memory_pool"):
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+def synchronize_device():
+    """Wait for all work on every stream of the device (the legacy null stream
+    included, which a non-blocking stream does not wait for)."""
+    sync = getattr(cupy.cuda.runtime, "deviceSynchronize", None)
+    if sync is not None:
+        sync()
+
+
+def device_memory() -> int | None:
+    """The current GPU's memory in bytes, or None where it is not known (the CPU stand-in)."""
+    try:
+        return int(cupy.cuda.runtime.memGetInfo()[1])
+    except Exception:
+        return None
+
+
+def _host_array(shape, dtype) -> np.ndarray:
+    """A NumPy array in pinned host memory (cupyx.empty_pinned's recipe); a
+    plain one on the NumPy stand-in, which has no alloc_pinned_memory."""
+    alloc = getattr(cupy.cuda, "alloc_pinned_memory", None)
+    if alloc is None:
+        return np.empty(shape, dtype)
+    n = int(np.prod(shape))
+    mem = alloc(max(1, n) * np.dtype(dtype).itemsize)
+    return np.frombuffer(mem, dtype, n).reshape(shape)
+
+
+class Staging:
+    """Pinned, double-buffered host arrays for the uploads of a device step.
+
+    A copy from pageable host memory goes through a driver staging buffer
+    and does not overlap the host; from page-locked ("pinned") memory it is
+    one DMA, queued on the stream, and the host goes on at once. Two sets:
+    the host fills set i % 2 with micro-batch i (its ids, targets and sort)
+    while the GPU may still be copying set (i - 1) % 2; before a set is
+    reused, the event recorded after its last copy is waited for, so the
+    host never overwrites bytes still on their way. arrays: name -> (shape,
+    dtype). On the NumPy stand-in (tests) plain arrays and plain copies."""
+
+    def __init__(self, arrays: dict):
+        self.sets = [{name: _host_array(shape, dtype) for name, (shape, dtype) in arrays.items()}
+                     for _ in range(2)]
+        self.copied = [None, None]       # per set: the event after its last copies
+        self.i = 0
+
+    def next(self) -> dict:
+        """The set to fill now (name -> host array), free to write."""
+        done = self.copied[self.i % 2]
+        if done is not None:
+            done.synchronize()
+        return self.sets[self.i % 2]
+
+    def upload(self, pairs):
+        """Copy the current set into the device arrays, in order on the current
+        stream: pairs = [(device array, name)]; then move on to the other set."""
+        host = self.sets[self.i % 2]
+        if any(on_gpu(dst) for dst, _ in pairs):
+            s = cupy.cuda.get_current_stream()
+            for dst, name in pairs:
+                dst.set(host[name], stream=s)
+            self.copied[self.i % 2] = s.record()
+        else:
+            for dst, name in pairs:
+                dst[...] = host[name]
+        self.i += 1
