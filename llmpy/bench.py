@@ -261,7 +261,7 @@ def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp
     only="torch" times the PyTorch reference alone (implies compare="torch").
     compile: torch.compile the reference; None = on for cuda, off for cpu."""
     from .optim import _num_threads
-    cfg = preset(model, block_size=max(1024, T))
+    cfg = preset(model, T)
     steps = max(5, steps)
     if only == "torch":
         compare = "torch"

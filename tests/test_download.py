@@ -106,14 +106,23 @@ def test_missing_file_names_the_url(server, tmp_path):
 def test_gives_up_after_bounded_retries(server, tmp_path, monkeypatch):
     calls = []
 
-    def always_drop(*a, **k):
+    def always_drop(url, part, *a, **k):
         calls.append(1)
+        with open(part, "ab") as f:          # some bytes arrive before each drop
+            f.write(b"12345")
         raise dl._Dropped("connection dropped")
     monkeypatch.setattr(dl, "_fetch", always_drop)
-    with pytest.raises(LlmpyError, match="after 2 retries.*resume"):
+    with pytest.raises(LlmpyError, match=r"after 2 retries.*resumes from .*f\.bin\.part, 15 bytes"):
         fetch(server, "/f.bin", tmp_path / "f.bin", retries=2)
     assert len(calls) == 3
     assert not (tmp_path / "f.bin").exists()
+
+    def drop_at_once(*a, **k):              # nothing arrived: no partial file, no resume hint
+        raise dl._Dropped("connection dropped")
+    monkeypatch.setattr(dl, "_fetch", drop_at_once)
+    with pytest.raises(LlmpyError) as e:
+        fetch(server, "/f.bin", tmp_path / "g.bin", retries=1)
+    assert "after 1 retries" in str(e.value) and "resume" not in str(e.value)
 
 
 def test_published_sha256_parsing():
@@ -139,3 +148,25 @@ def test_resume_through_a_redirect(server, tmp_path):
     server.drop_once["/cdn/blob"] = 123_456
     assert fetch(server, "/resolve/f", tmp_path / "f", hub_checksum=True).read_bytes() == BODY
     assert [r for _, p, r in server.requests if p == "/cdn/blob"] == [None, "bytes=123456-"]
+
+
+def test_an_unresolvable_host_fails_at_once_and_hints_resume_only_with_a_partial_file(tmp_path, monkeypatch):
+    # offline: the name lookup fails (socket.gaierror, as getaddrinfo raises it
+    # without a network); no retries with back-off, one line, no network used here
+    import socket
+    import time
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    dest = tmp_path / "input.txt"
+    t0 = time.monotonic()
+    with pytest.raises(LlmpyError) as e:
+        dl.download("http://example.invalid/input.txt", dest, retries=5, backoff=1.0, progress=False)
+    assert time.monotonic() - t0 < 1.0
+    msg = str(e.value)
+    assert "example.invalid cannot be resolved (offline?)" in msg and "resumes from" not in msg
+    assert "\n" not in msg
+    (tmp_path / "input.txt.part").write_bytes(b"x" * 10)
+    with pytest.raises(LlmpyError, match=r"resumes from .*input\.txt\.part, 10 bytes"):
+        dl.download("http://example.invalid/input.txt", dest, retries=5, backoff=1.0, progress=False)

@@ -161,3 +161,22 @@ def test_code_cites_only_files_in_the_repository():
         if path.suffix in (".py", ".cu", ".cuh"):
             assert "DESIGN.md" not in path.read_text(), path
     assert (ROOT / "ARCHITECTURE.md").is_file()
+
+
+def test_model_descriptors_as_llmc_reads_them():
+    from llmpy.config import preset
+    from llmpy.errors import LlmpyError
+    shape = lambda n: (lambda c: (c.n_layer, c.n_head, c.n_embd, c.block_size))(preset(n))  # noqa: E731
+    assert shape("d12") == (12, 12, 768, 1024) and shape("d48") == (48, 25, 1600, 1024)
+    assert shape("d60") == (60, 30, 1920, 1024) and shape("d72") == (72, 30, 2880, 1024)
+    assert shape("d84") == (84, 36, 3456, 1024)
+    assert shape("d5") == (5, 5, 320, 1024)                      # any other depth: head size 64
+    gpt3 = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 2048: (24, 128), 2560: (32, 80),
+            4096: (32, 128), 12288: (96, 128)}
+    for c, (depth, hs) in gpt3.items():
+        assert shape(f"gpt3:c{c}") == (depth, c // hs, c, 2048), c
+    assert shape("gpt3:c5140") == (40, 40, 5120, 2048)
+    assert preset("gpt3:c768", seq_len=4096).block_size == 4096
+    for bad in ("gpt3:c1000", "d0", "x12", "gpt3:768"):
+        with pytest.raises(LlmpyError, match="a model is one of d2, .* dN for any other depth N .* gpt3:cN"):
+            preset(bad)

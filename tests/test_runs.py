@@ -241,3 +241,34 @@ def test_version():
     r = subprocess.run([sys.executable, "-m", "llmpy", "--version"], env=_env(), capture_output=True, text=True)
     import llmpy
     assert r.returncode == 0 and r.stdout.strip() == f"llmpy {llmpy.__version__}"
+
+
+def test_hellaswag_during_training_logs_the_accuracy_eval_gives(env):
+    root, args = env
+    fixture = Path(__file__).parent / "fixtures" / "hellaswag_val_sample.jsonl"
+    model_args = [a if a != str(root / "tiny") else "d2" for a in args]      # GPT-2's context: whole examples
+    r = train(root, *model_args, "--steps", "4", "--hellaswag", str(fixture), "--hellaswag-every", "2",
+              "--out", "hs")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in (root / "hs/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "hellaswag_acc_norm" in r] == [2, 4]
+    ev = subprocess.run([sys.executable, "-m", "llmpy", "eval", "hs/ckpt_00000004", "--hellaswag", str(fixture),
+                         "--json"], cwd=root, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    assert recs[-1]["hellaswag_acc_norm"] == json.loads(ev.stdout)["acc_norm"]
+    r = train(root, *model_args, "--steps", "4", "--hellaswag", str(fixture), "--out", "hs2")
+    assert r.returncode == 2 and "go together" in r.stderr
+
+
+def test_val_steps_minus_one_is_one_whole_pass_as_eval_measures_it(env):
+    root, args = env
+    r = train(root, *[a if a != "0" or args[i - 1] != "--val-every" else "2" for i, a in enumerate(args)],
+              "--steps", "2", "--val-steps", "-1", "--out", "valpass")
+    assert r.returncode == 0, r.stderr
+    logged = json.loads((root / "valpass/log.jsonl").read_text().splitlines()[-1])["val_loss"]
+    ev = subprocess.run([sys.executable, "-m", "llmpy", "eval", "valpass", "--data", args[3], "--json"], cwd=root,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    res = json.loads(ev.stdout)
+    assert abs(res["val_loss"] - logged) <= 1e-6 * logged
+    assert res["batches"] > 10                # one whole pass of the val shard, not the default 10 batches

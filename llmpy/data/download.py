@@ -31,8 +31,10 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -122,10 +124,14 @@ def download(url: str, dest, *, sha256: str | None = None, hub_checksum: bool = 
             if isinstance(e, urllib.error.HTTPError) and e.code < 500:
                 raise (NotFound if e.code == 404 else LlmpyError)(f"download {url} failed: HTTP {e.code} {e.reason}; "
                                  "check the URL (or the LLMPY_*_ENDPOINT override)") from None
+            if _unresolvable(e):
+                # no DNS answer: offline, or a mistyped host; retrying for half a minute changes neither
+                raise LlmpyError(f"download {url} failed: {urllib.parse.urlsplit(url).hostname} cannot be "
+                                 f"resolved (offline?); connect and run the command again{_resume_hint(part)}") from None
             failures += 1
             if failures > retries:
                 raise LlmpyError(f"download {url} failed after {retries} retries ({e}); "
-                                 f"run the command again to resume from {part}") from None
+                                 f"run the command again{_resume_hint(part)}") from None
             wait = min(backoff * 2 ** (failures - 1), 30.0)
             print(f"download {dest.name}: {e}; retrying in {wait:.0f} s "
                   f"({failures}/{retries}), resuming at {_size(part):,} bytes")
@@ -147,6 +153,16 @@ def download(url: str, dest, *, sha256: str | None = None, hub_checksum: bool = 
                              "the file was deleted, run the command again")
     os.replace(part, dest)
     return dest
+
+
+def _unresolvable(e: Exception) -> bool:
+    """A name-resolution failure (socket.gaierror inside URLError)."""
+    return isinstance(getattr(e, "reason", None), socket.gaierror)
+
+
+def _resume_hint(part: Path) -> str:
+    """' (it resumes from P)' when a partial download is there to resume, else nothing."""
+    return f" (it resumes from {part}, {_size(part):,} bytes)" if _size(part) else ""
 
 
 def _size(path: Path) -> int:

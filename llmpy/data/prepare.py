@@ -67,6 +67,9 @@ def prepare(name: str, out_dir=None, **kw) -> dict:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(set(kw) - allowed))
         raise LlmpyError(f"{flags} only apply to the tokenized download corpora "
                          f"(tinyshakespeare, tinystories, fineweb-edu), not {name}")
+    if allowed is None and "splits" in kw:
+        raise LlmpyError(f"--split chooses hellaswag's splits; {name} has its own val split "
+                         "(--val-tokens sets its size)")
     if name == "pydoc":
         return prepare_pydoc(out_dir, **kw)
     if name == "hellaswag":
