@@ -6,6 +6,8 @@
 set -euo pipefail
 runs=${1:-3}
 echo "# $(date -u +%Y-%m-%d) $(lscpu | sed -n 's/^Model name: *//p') x$(nproc), $(python -c 'import numpy; print("numpy", numpy.__version__)')"
+# OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines for old OpenBLAS builds) slow a
+# current numpy: unset for the benchmark only (bench/cpu_suite.sh prints the kernel that runs)
 for i in $(seq "$runs"); do
-  python -m llmpy bench --device cpu --model d12 -B 4 -T 64 --steps 7 --compare torch --json
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m llmpy bench --device cpu --model d12 -B 4 -T 64 --steps 7 --compare torch --json
 done

@@ -359,3 +359,133 @@ def print_table(res: dict) -> str:
     if "profile" in res:
         lines += ["llmpy time per op:", res["profile"]]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# the CPU suite (issue 14): every shape a CPU user runs, llmpy against PyTorch
+
+SUITE = (("d12", 4, 64), ("d4", 8, 128), ("d6", 8, 256), ("d2", 4, 64))
+
+
+def parse_shapes(spec: str) -> tuple:
+    """'d12:4:64,d2:4:64' -> (("d12", 4, 64), ("d2", 4, 64))."""
+    shapes = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        try:
+            model, B, T = parts[0], int(parts[1]), int(parts[2])
+        except (IndexError, ValueError):
+            raise LlmpyError(f"--shapes: {item!r} is not MODEL:B:T (e.g. d12:4:64)") from None
+        if len(parts) != 3 or not model or B < 1 or T < 1:
+            raise LlmpyError(f"--shapes: {item!r} is not MODEL:B:T with B, T >= 1 (e.g. d12:4:64)")
+        preset(model, T)                          # an unknown model is refused now, not in a child
+        shapes.append((model, B, T))
+    return tuple(shapes)
+
+
+def bench_child(side: str, model: str, B: int, T: int, steps: int) -> dict:
+    """One side of the suite in a process of its own, so that its peak RSS is
+    its own: `llmpy bench --json` for side "llmpy", "torch" (eager fp32) or
+    "torch_bf16" (eager under bf16 autocast). Returns the child's result dict
+    with peak_rss_mib added (the child's ru_maxrss, from os.wait4)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    cmd = [sys.executable, "-m", "llmpy", "bench", "--device", "cpu", "--model", model,
+           "-B", str(B), "-T", str(T), "--steps", str(steps), "--json"]
+    if side != "llmpy":
+        cmd += ["--only", "torch", "--dtype", "bf16" if side == "torch_bf16" else "fp32"]
+    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+        proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
+        # wait4, not proc.wait(): it also returns the child's own resource usage
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        fout.seek(0), ferr.seek(0)
+        out, err = fout.read(), ferr.read()
+    if proc.returncode != 0 or not out.strip():
+        last = (err.strip().splitlines() or ["(no output)"])[-1]
+        raise LlmpyError(f"bench suite: {side} {model} B={B} T={T} failed: {last}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)   # ru_maxrss is in KiB on Linux
+    return res
+
+
+def suite(shapes=SUITE, runs: int = 1, steps: int = 7, bf16: bool = False, echo=None) -> list[dict]:
+    """Every shape, `runs` times: llmpy and PyTorch eager fp32 (and, with
+    bf16, PyTorch under bf16 autocast) each in its own child process, one
+    after the other, the order alternating from run to run (a machine whose
+    speed drifts then favours neither side). One row per (run, shape):
+    both step times, ratio = llmpy / PyTorch, floor share (the matmul floor
+    from the sgemm rate llmpy's child measured), peak RSS of each child.
+    echo(row) is called as each row is done."""
+    rows = []
+    for run in range(1, runs + 1):
+        for model, B, T in shapes:
+            sides = ["llmpy", "torch"] + (["torch_bf16"] if bf16 else [])
+            if run % 2 == 0:
+                sides.reverse()
+            got = {side: bench_child(side, model, B, T, steps) for side in sides}
+            me, ref = got["llmpy"], got["torch"]
+            row = {"run": run, "model": model, "B": B, "T": T, "order": " ".join(sides),
+                   "sgemm_gflops": me["sgemm_gflops"], "floor_ms": me["floor_ms"],
+                   "ms_per_step": me["ms_per_step"], "torch_ms_per_step": ref["torch_ms_per_step"],
+                   "ratio": round(me["ms_per_step"] / ref["torch_ms_per_step"], 3),
+                   "floor_share": me["floor_share"],
+                   "peak_rss_mib": me["peak_rss_mib"], "torch_peak_rss_mib": ref["peak_rss_mib"]}
+            if bf16:
+                row["torch_bf16_ms_per_step"] = got["torch_bf16"]["torch_ms_per_step"]
+            rows.append(row)
+            if echo is not None:
+                echo(row)
+    return rows
+
+
+SUITE_HEADER = ("run", "shape", "sgemm GFLOP/s", "llmpy ms", "PyTorch ms", "ratio", "floor share",
+                "llmpy RSS MiB", "PyTorch RSS MiB")
+
+
+def suite_line(row: dict) -> str:
+    """One suite row as a Markdown table row (SUITE_HEADER's columns, then
+    PyTorch bf16 autocast ms where measured)."""
+    cells = [row["run"], f"{row['model']} B={row['B']} T={row['T']}", row["sgemm_gflops"],
+             row["ms_per_step"], row["torch_ms_per_step"], f"{row['ratio']:.3f}", f"{row['floor_share']:.1%}",
+             row["peak_rss_mib"], row["torch_peak_rss_mib"]]
+    if "torch_bf16_ms_per_step" in row:
+        cells.append(row["torch_bf16_ms_per_step"])
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def suite_main(argv=None) -> int:
+    """python -m llmpy.bench --suite [--runs N] [--steps N] [--shapes M:B:T,...] [--bf16] [--quick] [--json]"""
+    import argparse
+    import json
+    import sys
+    p = argparse.ArgumentParser(prog="python -m llmpy.bench", description="the CPU suite (bench/cpu_suite.sh)")
+    p.add_argument("--suite", action="store_true", required=True, help="run the CPU suite")
+    p.add_argument("--runs", type=int, default=1, help="times through every shape (order alternates)")
+    p.add_argument("--steps", type=int, default=7, help="timed steps per side (at least 5)")
+    p.add_argument("--shapes", default=",".join(f"{m}:{b}:{t}" for m, b, t in SUITE),
+                   help="MODEL:B:T,... (default: the issue-14 table)")
+    p.add_argument("--bf16", action="store_true", help="also time PyTorch under bf16 autocast")
+    p.add_argument("--quick", action="store_true", help="the smallest shape (d2 B=4 T=64) once, 5 steps: a smoke test")
+    p.add_argument("--json", action="store_true", help="one JSON line per row instead of a table")
+    args = p.parse_args(argv)
+    try:
+        shapes = parse_shapes(args.shapes)
+        if args.quick:
+            shapes, args.runs, args.steps = (SUITE[-1],), 1, 5
+        if not args.json:
+            header = list(SUITE_HEADER) + (["PyTorch bf16 ms"] if args.bf16 else [])
+            print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+        suite(shapes, args.runs, args.steps, args.bf16,
+              echo=lambda row: print(json.dumps(row) if args.json else suite_line(row), flush=True))
+    except LlmpyError as e:
+        print(f"llmpy bench --suite: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(suite_main())

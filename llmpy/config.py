@@ -67,7 +67,8 @@ PRESETS = tuple(_SHAPES) + tuple(_HF_NAMES)
 # 5120, which is what c5140 means here.)
 _GPT3 = {384: (6, 64), 768: (12, 64), 1024: (24, 64), 1536: (24, 96), 2048: (24, 128), 2560: (32, 80),
          4096: (32, 128), 5120: (40, 128), 12288: (96, 128)}
-PRESET_FORMS = (f"{', '.join(_SHAPES)}, dN for any other depth N (head size 64, C = 64 N), "
+MAX_DEPTH = 128         # dN beyond this (C = 8192, ~100B parameters) is a typo, not a model
+PRESET_FORMS = (f"{', '.join(_SHAPES)}, dN for any other depth N <= {MAX_DEPTH} (head size 64, C = 64 N), "
                 f"gpt3:cN with N in {', '.join(str(c) for c in _GPT3)} (context 2048)")
 
 
@@ -83,8 +84,8 @@ def _shape(name: str) -> tuple[int, int, int, int] | None:
             return None
         depth, head_size = _GPT3[channels]
         return depth, channels // head_size, channels, 2048
-    m = re.fullmatch(r"d([1-9]\d{0,2})", key)
-    if m:
+    m = re.fullmatch(r"d([1-9]\d*)", key)
+    if m and int(m.group(1)) <= MAX_DEPTH:
         depth = int(m.group(1))
         return depth, depth, 64 * depth, 1024
     return None

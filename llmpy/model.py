@@ -4,7 +4,8 @@ The model knows no backend: it calls `self.ops.<layer>_forward/_backward` on
 arrays of the backend's kind. Parameters live in ONE flat float32 buffer with a
 named view per tensor (llm.c's order and layouts, so an llm.c file is this
 buffer plus a header); gradients, and AdamW's m and v, use the same layout.
-Activations for a given (B, T) are allocated once and reused every step.
+Activations for a given (B, T) are allocated once and reused every step
+(lm.CausalLM: what GPT-2 shares with the other families).
 
 Precision: `dtype="fp32"` keeps everything in float32 (the CPU reference and
 the CUDA path checked against it). `dtype="bf16"` (CUDA) is mixed precision:
@@ -24,12 +25,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .config import GPTConfig
-from .errors import LlmpyError
 from . import formats
+from .config import GPTConfig
 from .formats.hf import from_hf, to_hf
 from .gpt2_layout import DECAYED, parameter_shapes
-from .ops import contract, cuda_build, get_backend
+from .lm import CausalLM
 from .tensors import FlatTensors
 
 
@@ -85,68 +85,15 @@ class Activations:
         return SimpleNamespace(**{name: getattr(self, name)[l] for name in self.LAYER})
 
 
-class _ShapesOnly:
-    """An array module whose arrays have shapes and sizes but no memory (for memory_estimate)."""
-    @staticmethod
-    def empty(shape, dtype):
-        return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+class GPT(CausalLM):
+    """GPT-2 language model. `GPT(config, device="cpu", seed=0, dtype="fp32")`;
+    the buffers and the bookkeeping around forward and backward are lm.CausalLM's."""
 
-
-def memory_estimate(cfg: GPTConfig, B: int, T: int, dtype: str = "bf16", flash: bool = True,
-                    device: str = "cuda") -> dict:
-    """Bytes a training step's buffers take on `device`, by kind, counted
-    from the same shapes the model allocates (Activations and the flat
-    buffers): fp32 master weights, the bf16 compute copy (bf16 only),
-    gradients, AdamW's m and v, and the activations for one (B, T), with the
-    scratch that device's ops ask for. flash (cuda): cuDNN attention keeps a
-    logsumexp per row instead of the (T, T) probabilities. Not counted:
-    per-op scratch (attention's head-major q/k/v copies, ~7 B T C elements
-    without flash), the cuBLASLt / cuDNN workspaces and allocator slack."""
-    if dtype == "fp32":
-        act = np.dtype(np.float32)
-    else:
-        from ml_dtypes import bfloat16
-        act = np.dtype(bfloat16)
-    n = sum(int(np.prod(shape)) for _, shape in parameter_shapes(cfg))
-    if device == "cpu":
-        rule = get_backend("cpu")
-    else:   # the CUDA backend's scratch and what its attention keeps, flash attention on or off (CuPy-free)
-        rule = SimpleNamespace(attention_saved=lambda B, NH, T, hs, dtype:
-                               contract.attention_saved(B, NH, T, hs, dtype, flash),
-                               ln_scratch_rows_per_chunk=cuda_build.LN_ROWS_PER_CHUNK, needs_gelu_scratch=False)
-    acts = Activations(cfg, B, T, _ShapesOnly, act, rule)
-    act_bytes = sum(v.nbytes for v in vars(acts).values() if isinstance(v, np.ndarray))
-    out = {"params_fp32": 4 * n, "compute_copy": 0 if dtype == "fp32" else act.itemsize * n,
-           "grads": act.itemsize * n, "adamw_m_v": 8 * n, "activations": act_bytes}
-    out["total"] = sum(out.values())
-    return out
-
-
-class GPT:
-    """GPT-2 language model. `GPT(config, device="cpu", seed=0, dtype="fp32")`."""
-
+    Activations = Activations
     decayed = DECAYED      # the tensors AdamW applies weight decay to (the 2-D weight matrices)
-
-    def __init__(self, config: GPTConfig, device: str = "cpu", seed: int = 0, init: bool = True,
-                 dtype: str = "fp32"):
-        self.config = config
-        self.device = device
-        self.ops = get_backend(device)
-        self.xp = self.ops.xp
-        self.dtype = dtype
-        self.storage = self.ops.storage_dtype(dtype)   # np.float32, or bfloat16 for "bf16"
-        self.params = FlatTensors(parameter_shapes(config), self.xp)   # float32: the master weights
-        if self.storage == np.float32:
-            self.compute_params = self.params            # what the ops read: the same buffer
-        else:
-            self.compute_params = FlatTensors(parameter_shapes(config), self.xp, dtype=self.storage)
-        self.grads = None          # allocated by the first backward()
-        self._grads_fresh = True   # True: the next backward overwrites instead of adding
-        self.acts = None           # activations of the last forward()
-        self._acts_by_shape = {}   # (B, T) -> Activations; at most two kept (train + sample)
-        self._have_forward = False
-        if init:
-            self._init_weights(seed)
+    parameter_shapes = staticmethod(parameter_shapes)
+    to_hf = staticmethod(to_hf)
+    from_hf = staticmethod(from_hf)
 
     # ------------------------------------------------------------------ init
 
@@ -173,12 +120,6 @@ class GPT:
         self.params.flat[:] = self.xp.asarray(host.flat)
         self.params_updated()
 
-    def params_updated(self):
-        """Call after writing self.params (loading, broadcasting, gathering):
-        refreshes the bf16 copy the ops read. Nothing to do in fp32."""
-        if self.compute_params is not self.params:
-            self.ops.cast(self.compute_params.flat, self.params.flat)
-
     @property
     def num_parameters(self) -> int:
         """Parameter count as Hugging Face counts it (no padded vocabulary rows)."""
@@ -186,16 +127,6 @@ class GPT:
         return self.params.flat.size - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
 
     # ------------------------------------------------------------------ forward
-
-    def _activations(self, B, T):
-        if (B, T) not in self._acts_by_shape:
-            if len(self._acts_by_shape) >= 2:
-                # free the least recently used set before allocating the new one
-                self._acts_by_shape.pop(next(iter(self._acts_by_shape)))
-            self._acts_by_shape[(B, T)] = Activations(self.config, B, T, self.xp, self.storage, self.ops)
-        self.acts = self._acts_by_shape.pop((B, T))
-        self._acts_by_shape[(B, T)] = self.acts   # most recently used goes last
-        return self.acts
 
     def forward(self, ids, targets=None, sync=True, loss_scale=None):
         """ids (B, T) ints -> (logits (B, T, V), mean loss or None).
@@ -213,13 +144,9 @@ class GPT:
         same pass over the logits that computes the loss (the returned
         logits are then that gradient)."""
         ops, cfg, p = self.ops, self.config, self.compute_params
-        if sync:
-            ids = self._check_ids(ids, "ids")
+        ids, a = self._begin_forward(ids, sync)
         B, T = ids.shape
-        if T > cfg.block_size:
-            raise LlmpyError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}")
-        a = self._activations(B, T)
-        N, C, NH = B * T, cfg.n_embd, cfg.n_head
+        C, NH = cfg.n_embd, cfg.n_head
 
         ops.encoder_forward(a.encoded.reshape(B, T, C), ids, p.wte, p.wpe)
         x = a.encoded
@@ -230,28 +157,7 @@ class GPT:
             def attention(atty, qkv, l=l):
                 ops.attention_forward(atty.reshape(B, T, C), a.att[l], qkv.reshape(B, T, 3 * C), NH)
             x = self.block_forward(l, x, a.layer(l), self._next_layernorm(a, l), attention)
-        # LM head over all Vp rows of wte; the classifier reads the first V
-        # columns only, so the padded rows cannot enter the softmax or the loss.
-        ops.matmul_forward(a.logits, a.lnf, p.wte, None)
-
-        a.ids = ids
-        self._have_forward = True
-        loss = None
-        if targets is not None:
-            a.targets = (self._check_ids(targets, "targets") if sync else targets).reshape(N)
-            if a.targets.shape[0] != N:
-                raise LlmpyError(f"targets shape {targets.shape} does not match ids shape {ids.shape}")
-            if loss_scale is None:
-                ops.crossentropy_forward(a.losses, a.lse, a.logits, a.targets, V=cfg.vocab_size)
-            else:   # d(mean loss)/d(loss_n) = loss_scale / N, as in backward()
-                ops.crossentropy_forward_backward(a.losses, a.lse, a.logits, a.targets, loss_scale / N,
-                                                  V=cfg.vocab_size)
-            a.dlogits_scale = loss_scale
-            loss = float(a.losses.mean()) if sync else None
-        else:
-            a.targets = None
-            a.dlogits_scale = None
-        return a.logits[:, :cfg.vocab_size].reshape(B, T, cfg.vocab_size), loss
+        return self._logits_and_loss(a, ids, p.wte, targets, sync, loss_scale)     # the head is tied to wte
 
     def block_forward(self, l: int, x, a, next_ln, attention):
         """Transformer block l on the residual stream x (N, C); returns its
@@ -287,47 +193,16 @@ class GPT:
             return a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1], p.ln1w[l + 1], p.ln1b[l + 1]
         return a.lnf, a.lnf_mean, a.lnf_rstd, p.lnfw, p.lnfb
 
-    def _check_ids(self, ids, what):
-        ids = self.xp.asarray(ids)
-        if ids.ndim != 2:
-            raise LlmpyError(f"{what} must have shape (B, T), got {tuple(ids.shape)}")
-        if ids.dtype.kind not in "iu":
-            raise LlmpyError(f"{what} must be integer token ids, got dtype {ids.dtype}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise LlmpyError(f"{what} hold token ids outside [0, {self.config.vocab_size})")
-        return ids
-
     # ------------------------------------------------------------------ backward
-
-    def zero_grad(self):
-        """Start a new gradient: the next backward() overwrites instead of adding."""
-        self._grads_fresh = True
 
     def backward(self, loss_scale: float = 1.0, sorted_order=None):
         """Gradient of loss_scale * (mean loss of the last forward) wrt every
         parameter, ADDED to self.grads (unless zero_grad() was called last, then
         written). Call after forward(ids, targets). sorted_order: the token
         ids' sort for the GPU encoder backward, made ahead (step.DeviceStep)."""
-        a = self.acts
-        if not self._have_forward or a is None or a.targets is None:
-            raise LlmpyError("backward() needs a forward(ids, targets) with targets first")
-        ops, cfg, p = self.ops, self.config, self.compute_params
-        if self.grads is None:
-            self.grads = FlatTensors(parameter_shapes(cfg), self.xp, dtype=self.storage)
-        g = self.grads
-        acc = not self._grads_fresh
-        B, T = a.B, a.T
-        N, C = B * T, cfg.n_embd
-
-        # d(mean loss)/d(loss_n) = 1/N; the classifier turns logits into dlogits
-        # (the padded columns of dlogits are zero, so the padded rows of wte get no gradient),
-        # unless forward(loss_scale=...) did it already
-        if a.dlogits_scale is None:
-            ops.crossentropy_backward(a.logits, a.lse, a.targets, loss_scale / N, V=cfg.vocab_size)
-        elif a.dlogits_scale != loss_scale:
-            raise LlmpyError(f"backward(loss_scale={loss_scale}) after forward(loss_scale={a.dlogits_scale})")
-        dlogits = a.logits
-        ops.matmul_backward(a.dC, g.wte, None, dlogits, a.lnf, p.wte, acc=acc)
+        a, acc = self._head_backward(loss_scale, "wte")     # dlogits, dwte (the head), dlnf in a.dC
+        ops, cfg, p, g = self.ops, self.config, self.compute_params, self.grads
+        B, T, C = a.B, a.T, cfg.n_embd
         dres = a.dresidual
         ops.zero(dres)
         x_last = a.residual3[cfg.n_layer - 1] if cfg.n_layer else a.encoded
@@ -341,8 +216,7 @@ class GPT:
         if not acc:
             ops.zero(g.wpe)
         ops.encoder_backward(g.wte, g.wpe, dres.reshape(B, T, C), a.ids, acc=True, sorted_order=sorted_order)
-        self._grads_fresh = False
-        self._have_forward = False   # the logits are now dlogits
+        self._end_backward()
 
     def block_backward(self, l: int, x, a, dres, acc: bool):
         """Backward of block l, whose input was x (N, C): dres, the gradient of
@@ -369,24 +243,10 @@ class GPT:
         ops.layernorm_backward(dres, g.ln1w[l], g.ln1b[l], a.dC, x, p.ln1w[l],
                                a.ln1_mean[l], a.ln1_rstd[l], a.ln_scratch, acc=acc)
 
-    # ------------------------------------------------------------------ HF names
-
-    def state_dict(self) -> dict:
-        """Parameters as NumPy arrays, Hugging Face GPT-2 names and layouts."""
-        return to_hf(self.ops.to_host(self.params.flat), self.config)
-
-    def grads_dict(self) -> dict:
-        """Gradients as NumPy arrays, same names and layouts as state_dict()."""
-        if self.grads is None:
-            raise LlmpyError("grads_dict() needs a backward() first")
-        return to_hf(self.ops.to_host(self.grads.flat), self.config)
-
-    def load_state_dict(self, sd: dict, source: str = "state dict"):
-        """Copy Hugging Face-named tensors in (see formats.hf.from_hf)."""
-        host = from_hf(sd, self.config, source)
-        self.params.flat[:] = self.xp.asarray(host.flat)
-        self.params_updated()
-
     def save(self, path, format: str = "hf"):
         """Write the model: a Hugging Face directory, or an llm.c file (format="llmc")."""
         formats.save_model(self, path, format=format)
+
+
+# bytes of a training step's buffers for a GPT-2 of config cfg (lm.CausalLM.memory_estimate)
+memory_estimate = GPT.memory_estimate

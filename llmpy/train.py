@@ -58,31 +58,11 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
         say(f"--dist {tc.dist}: not started by an MPI launcher (mpirun, srun): one process")
     out = Path(tc.out)
 
-    # The output directory and what to resume: rank 0 decides before anything is written.
-    chosen = np.zeros(1, dtype=np.int64)                  # the step of the checkpoint to resume (0: none)
-    if root:
-        path = ckpt.claim(out, tc.resume, tc.overwrite, say)
-        chosen[0] = 0 if path is None else int(path.name[len(ckpt.CKPT_PREFIX):])
-    comm.broadcast(chosen, root=0)
-    resume_from, saved = None, {}
-    if chosen[0]:
-        resume_from = out / f"{ckpt.CKPT_PREFIX}{int(chosen[0]):08d}"
-        saved = ckpt.read_train_state(resume_from / "train_state.json")
-        was_steps = saved.get("train_config", {}).get("steps")
-        tc, notes = tc.resumed(saved.get("train_config", {}), given)
-        tc.check()
-        for note in notes:
-            say(note)
-        if saved["step"] >= tc.steps:
-            say(f"{out}: already at step {saved['step']} of {tc.steps}; --steps M extends it")
-            comm.close()
-            return {"out": str(out), "steps": saved["step"], "done": True, "rank": comm.rank}
-        if was_steps is not None and tc.steps != was_steps:
-            # the schedule is a function of the total: recomputed over the new one
-            lr_then = lr_at(saved["step"], tc.lr, was_steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_frac,
-                            tc.decay_frac)
-            say(f"resume: --steps {was_steps} -> {tc.steps}: the LR schedule is recomputed over {tc.steps} steps "
-                f"(the next step's LR {lr_then:.3g} -> {_lr(tc, saved['step'] + 1):.3g})")
+    tc, resume_from, finished_at = _plan_resume(tc, given, out, comm, say)
+    if finished_at is not None:
+        say(f"{out}: already at step {finished_at} of {tc.steps}; --steps M extends it")
+        comm.close()
+        return {"out": str(out), "steps": finished_at, "done": True, "rank": comm.rank}
     if root:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -202,6 +182,36 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     print(f"done: loss {loss:.4f}, val loss {val_loss:.4f}; log {out / 'log.jsonl'}, plot {out / 'loss.png'}",
           flush=True)
     return summary
+
+
+def _plan_resume(tc: TrainConfig, given: set[str], out: Path, comm, say):
+    """(this run's config, the checkpoint to resume from or None, the step a
+    finished run stands at or None). Rank 0 decides whether `out` may be used
+    and which checkpoint continues, before anything is written; on resume the
+    saved flags fill in those not given (TrainConfig.resumed)."""
+    chosen = np.zeros(1, dtype=np.int64)                  # the step of the checkpoint to resume (0: none)
+    if comm.rank == 0:
+        path = ckpt.claim(out, tc.resume, tc.overwrite, say)
+        chosen[0] = 0 if path is None else int(path.name[len(ckpt.CKPT_PREFIX):])
+    comm.broadcast(chosen, root=0)
+    if not chosen[0]:
+        return tc, None, None
+    resume_from = out / f"{ckpt.CKPT_PREFIX}{int(chosen[0]):08d}"
+    saved = ckpt.read_train_state(resume_from / "train_state.json")
+    was_steps = saved.get("train_config", {}).get("steps")
+    tc, notes = tc.resumed(saved.get("train_config", {}), given)
+    tc.check()
+    for note in notes:
+        say(note)
+    if saved["step"] >= tc.steps:
+        return tc, resume_from, saved["step"]
+    if was_steps is not None and tc.steps != was_steps:
+        # the schedule is a function of the total: recomputed over the new one
+        lr_then = lr_at(saved["step"], tc.lr, was_steps, tc.warmup_steps, tc.lr_schedule, tc.min_lr_frac,
+                        tc.decay_frac)
+        say(f"resume: --steps {was_steps} -> {tc.steps}: the LR schedule is recomputed over {tc.steps} steps "
+            f"(the next step's LR {lr_then:.3g} -> {_lr(tc, saved['step'] + 1):.3g})")
+    return tc, resume_from, None
 
 
 def _lr(tc: TrainConfig, step: int) -> float:

@@ -7,7 +7,12 @@ m/n/k in that mapping gives wrong numbers in tests/test_cuda_host.py.
 D (m x n, ld ldd) = op(A) @ op(B) [+ beta D], float32 accumulation (batch
 times, the pointers advanced by their strides), then
 the epilogue ("bias": + bias per row of D; "gelu_aux_bias": aux = D + bias,
-D = gelu(aux); "dgelu": D *= gelu'(aux)), rounded once into D's type.
+D = gelu(aux); "dgelu": D *= gelu'(aux)), rounded once into D's type;
+"bgradb" (CUBLASLT_EPILOGUE_BGRADB, "apply bias gradient to the input matrix
+B: the bias size corresponds to the number of columns of the matrix D, the
+reduction happens over the GEMM's k dimension"): bias[j] = sum_k op(B)[k, j],
+written (not added) as float32 (cublaslt.py sets BIAS_DATA_TYPE to
+CUDA_R_32F), whatever beta does to D.
 """
 from __future__ import annotations
 
@@ -58,6 +63,9 @@ def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilo
         acc += np.float32(beta) * D.astype(np.float32)
     if epilogue in ("bias", "gelu_aux_bias"):
         acc += _matrix(bias, m, 1, m, dtype).astype(np.float32)
+    if epilogue == "bgradb":
+        # from op(B) as stored, before any product: the (n,) column sums over k
+        _matrix(bias, n, 1, n, np.float32)[:, 0] = opB.astype(np.float64).sum(axis=0).astype(np.float32)
     if epilogue == "gelu_aux_bias":
         _matrix(aux, m, n, aux_ld, dtype)[...] = acc
         pre = acc.copy()
@@ -67,5 +75,5 @@ def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilo
         grad = acc.copy()
         cpu.gelu_backward(acc, pre, grad, np.empty_like(pre))
     else:
-        assert epilogue in ("default", "bias"), epilogue
+        assert epilogue in ("default", "bias", "bgradb"), epilogue
     D[...] = acc

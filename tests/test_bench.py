@@ -81,3 +81,33 @@ def test_bench_bf16_llmpy_is_a_one_line_error(capsys):
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("llmpy bench: error: --dtype bf16")   # llmpy computes bf16 on CUDA only
+
+
+@pytest.mark.slow
+def test_cpu_suite_quick_runs_both_sides_in_children_with_their_rss(capsys):
+    """`python -m llmpy.bench --suite --quick` (bench/cpu_suite.sh): the smallest
+    shape once, llmpy and PyTorch each in a child process of its own (~20 s)."""
+    from llmpy.bench import SUITE_HEADER, suite_line, suite_main
+    from llmpy.model import memory_estimate
+    assert suite_main(["--suite", "--quick", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    row = json.loads(out[0])
+    assert (row["model"], row["B"], row["T"], row["run"]) == ("d2", 4, 64, 1)
+    assert row["order"] == "llmpy torch"
+    assert row["ratio"] == pytest.approx(row["ms_per_step"] / row["torch_ms_per_step"], abs=1e-3)
+    assert row["floor_share"] == pytest.approx(row["floor_ms"] / row["ms_per_step"], abs=2e-3)
+    # each child's peak RSS holds at least its own model's fp32 training state
+    # (weights, gradients, AdamW's m and v), and far less than this machine's memory
+    state_mib = memory_estimate(preset("d2", 64), 4, 64, dtype="fp32", flash=False, device="cpu")["total"] / 2**20
+    for key in ("peak_rss_mib", "torch_peak_rss_mib"):
+        assert state_mib < row[key] < 8192, (key, row[key], state_mib)
+    line = suite_line(row)
+    assert line.count("|") == len(SUITE_HEADER) + 1 and f"| {row['ratio']:.3f} |" in line
+
+
+def test_cpu_suite_bad_shape_is_a_one_line_error(capsys):
+    from llmpy.bench import suite_main
+    assert suite_main(["--suite", "--shapes", "d2:4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "MODEL:B:T" in err

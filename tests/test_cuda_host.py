@@ -59,8 +59,10 @@ POINTER_DTYPES = {"float*": np.float32, "double*": np.float64,
                   "long long*": np.int64, "int*": np.int32}
 SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32, "unsigned": np.uint32,
                 "double": np.float64}
-WARP_KERNELS = {"accumulate_sum", "layernorm_forward", "residual_layernorm_forward", "layernorm_backward_input", "attention_softmax_forward",
-                "attention_softmax_backward", "crossentropy_forward", "sum_of_squares_partial"}
+WARP_KERNELS = {"accumulate_sum", "layernorm_forward", "residual_layernorm_forward", "layernorm_forward_x128",
+                "residual_layernorm_forward_x128", "layernorm_backward_input", "layernorm_backward_fused",
+                "attention_softmax_forward", "attention_softmax_backward", "crossentropy_forward",
+                "crossentropy_forward_x128", "sum_of_squares_partial"}
 
 
 def _check_launch(name, grid, block, args, bf16=False):
@@ -551,7 +553,7 @@ def test_encoder_backward_on_real_text_statistics(cuda, monkeypatch):
 
 # ---------------------------------------------------------------------------- fallbacks, memory, streams
 
-@pytest.mark.parametrize("refused", [("gelu_aux_bias", "dgelu"), ("gelu_aux_bias", "dgelu", "bias")])
+@pytest.mark.parametrize("refused", [("gelu_aux_bias", "dgelu"), ("gelu_aux_bias", "dgelu", "bias", "bgradb")])
 def test_matmul_falls_back_when_cublaslt_has_no_algorithm(cuda, monkeypatch, refused):
     # an fp32 GELU epilogue (or any fused one) that cuBLASLt's heuristic has
     # no algorithm for: the plain GEMM, then our bias / GELU kernels, with the
@@ -584,13 +586,14 @@ def test_backward_scratch_is_what_the_cuda_kernels_need(cuda):
     # partial sums and no GELU scratch here, the contract's shapes on the CPU
     from llmpy.model import Activations
     cfg = GPTConfig(block_size=64, vocab_size=200, n_layer=1, n_head=2, n_embd=16)
-    on_gpu, on_cpu = Activations(cfg, 2, 40, np, np.float32, cuda), Activations(cfg, 2, 40, np, np.float32, cpu)
-    assert on_gpu.ln_scratch.shape == (2, 3, 16) and on_gpu.scratch4C is None     # ceil(80 / 32) = 3
-    assert on_cpu.ln_scratch.shape == (2, 80, 16) and on_cpu.scratch4C.shape == (80, 64)
+    assert cuda_build.LN_ROWS_PER_CHUNK == 128
+    on_gpu, on_cpu = Activations(cfg, 8, 40, np, np.float32, cuda), Activations(cfg, 8, 40, np, np.float32, cpu)
+    assert on_gpu.ln_scratch.shape == (2, 3, 16) and on_gpu.scratch4C is None     # ceil(320 / 128) = 3
+    assert on_cpu.ln_scratch.shape == (2, 320, 16) and on_cpu.scratch4C.shape == (320, 64)
     with pytest.raises(ValueError, match="scratch"):           # less than the kernels write: refused
-        x = np.ones((80, 16), np.float32)
+        x = np.ones((320, 16), np.float32)
         cuda.layernorm_backward(x.copy(), np.zeros(16, np.float32), np.zeros(16, np.float32), x, x,
-                                np.ones(16, np.float32), np.zeros(80, np.float32), np.ones(80, np.float32),
+                                np.ones(16, np.float32), np.zeros(320, np.float32), np.ones(320, np.float32),
                                 np.zeros((2, 2, 16), np.float32))
 
 
@@ -705,3 +708,288 @@ def test_zero1_bf16_gathers_only_the_bf16_copy_each_step(cuda, tmp_path):
     comm.barrier = lambda: None
     save_training_checkpoint(tmp_path, 2, model, opt, {}, comm=comm)
     assert [b is model.params.flat for b in comm.gathered] == [True]
+
+
+# ---------------------------------------------------------------------------- column sums (parameter gradients)
+
+def _column_sum_in_kernel_order(x, rows_per_chunk, warps):
+    """float32 column sums of x (N, C) in exactly the order of matmul.cu's two
+    stages, written from the kernels' comments: stage 1 adds each chunk's rows
+    top to bottom; stage 2's warp w adds the chunk sums w, w + warps, ... in
+    turn, then warp 0 adds the warp totals in warp order."""
+    N, C = x.shape
+    chunks = []
+    for n0 in range(0, N, rows_per_chunk):
+        s = np.zeros(C, np.float32)
+        for row in x[n0:n0 + rows_per_chunk]:
+            s = s + row
+        chunks.append(s)
+    totals = []
+    for w in range(warps):
+        s = np.zeros(C, np.float32)
+        for k in range(w, len(chunks), warps):
+            s = s + chunks[k]
+        totals.append(s)
+    out = totals[0]
+    for t in totals[1:]:
+        out = out + t
+    return out
+
+
+@pytest.mark.parametrize("acc", [False, True])
+def test_bias_gradient_over_many_chunks_in_a_fixed_order(cuda, monkeypatch, acc):
+    # N spans several chunks and ends in a partial one, OC is not a multiple
+    # of 32 (a partial column tile): our column sum (the BGRADB epilogue
+    # refused) equals, bit for bit, the same additions done in that order by
+    # NumPy; the epilogue's float32 gradient goes through the same
+    # accumulation rule. Both within float32 rounding of the float64 sum.
+    rng = np.random.default_rng(21)
+    N, C, OC = 3 * cuda_build.BIAS_ROWS_PER_CHUNK + 37, 8, 40
+    inp, w = rng.standard_normal((N, C)).astype(np.float32), rng.standard_normal((OC, C)).astype(np.float32)
+    dout = rng.standard_normal((N, OC)).astype(np.float32)
+    db0 = rng.standard_normal(OC).astype(np.float32)
+    exact = dout.astype(np.float64).sum(0) + (db0 if acc else 0.0)
+    for refused in ({("bgradb", "float32")}, set()):
+        monkeypatch.setattr(fake_cublaslt, "refuse", refused)
+        monkeypatch.setattr(fake_cublaslt, "calls", [])
+        dinp, dw, db = np.empty((N, C), np.float32), np.zeros((OC, C), np.float32), db0.copy()
+        if not acc:
+            db[:] = np.nan
+        cuda.matmul_backward(dinp, dw, db, dout, inp, w, acc=acc)
+        ran = {e for e, *_ in fake_cublaslt.calls}
+        assert ("bgradb" in ran) == (not refused)
+        assert np.max(np.abs(db - exact)) <= 1e-5 * np.max(np.abs(exact)) * np.sqrt(N)
+        if refused:
+            want = _column_sum_in_kernel_order(dout, cuda_build.BIAS_ROWS_PER_CHUNK,
+                                               cuda_build.COLSUM_THREADS // 32)
+            want = (db0 + want) if acc else want
+            assert np.array_equal(db, want)
+
+
+@pytest.mark.parametrize("path", ["fused", "two kernels"])
+@pytest.mark.parametrize("acc", [False, True])
+def test_layernorm_backward_over_many_chunks(cuda, monkeypatch, acc, path):
+    # several chunks of LN_ROWS_PER_CHUNK rows and a partial one, C not a
+    # multiple of 32 (nor of the block: the fused kernel's last register
+    # column partly empty); the one-pass kernel, or (rows too wide for it)
+    # the warp-per-row input gradient and the column-sum kernel. Against the
+    # CPU op for dinp (ADDED to) and the float64 sums for dweight, dbias:
+    # float32 arithmetic in another order of additions, so not bitwise; the
+    # bounds are a few float32 roundings of sums of ~300 terms.
+    if path == "two kernels":
+        monkeypatch.setattr(cuda.layernorm, "LN_BWD_COLS_PER_THREAD", 0)
+    launched = []
+    real_kernel = cuda.layernorm.kernel
+    monkeypatch.setattr(cuda.layernorm, "kernel", lambda f, name, bf=False: launched.append(name) or
+                        real_kernel(f, name, bf))
+    rng = np.random.default_rng(22)
+    N, C = 2 * cuda_build.LN_ROWS_PER_CHUNK + 21, 296          # 296 = 256 + 40
+    x, dout = rng.standard_normal((N, C)).astype(np.float32), rng.standard_normal((N, C)).astype(np.float32)
+    lnw, lnb = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    out, mean, rstd = np.empty((N, C), np.float32), np.empty(N, np.float32), np.empty(N, np.float32)
+    cuda.layernorm_forward(out, mean, rstd, x, lnw, lnb)
+    dw0, db0 = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    dw, db = (dw0.copy(), db0.copy()) if acc else (np.full(C, np.nan, np.float32), np.full(C, np.nan, np.float32))
+    scratch = np.full((2, -(-N // cuda_build.LN_ROWS_PER_CHUNK), C), np.nan, np.float32)
+    dinp0 = rng.standard_normal((N, C)).astype(np.float32)
+    dinp = dinp0.copy()
+    launched.clear()
+    cuda.layernorm_backward(dinp, dw, db, dout, x, lnw, mean, rstd, scratch, acc=acc)
+    assert ("layernorm_backward_fused" in launched) == (path == "fused")
+    ref = [dinp0.copy(), dw0.copy(), db0.copy()]
+    cpu.layernorm_backward(*ref, dout, x, lnw, mean, rstd, np.empty((2, N, C), np.float32), acc=True)
+    assert rel_err(dinp, ref[0]) <= 1e-6
+    xhat = (x.astype(np.float64) - mean[:, None]) * rstd[:, None]
+    want_w = (dout * xhat).sum(0) + (dw0 if acc else 0.0)
+    want_b = dout.astype(np.float64).sum(0) + (db0 if acc else 0.0)
+    assert rel_err(dw, want_w) <= 1e-6 and rel_err(db, want_b) <= 1e-6
+
+
+# ---------------------------------------------------------------------------- 128-bit loads
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_elementwise_128_bit_path_equals_the_scalar_kernels(cuda, monkeypatch, dtype):
+    # gelu, its derivative, the residual add: with aligned buffers whose size
+    # is whole 16-byte packs the x128 kernels run; a size with a tail or a
+    # view starting mid-pack falls back to one value per thread. The same
+    # arithmetic per value either way: bitwise equal, and equal to the CPU op
+    # (fp32: within tanhf's rounding; bf16: within one bf16 rounding).
+    if dtype == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    st = np.float32 if dtype == "fp32" else BF16
+    launched = []
+    real_kernel = cuda.elementwise.kernel
+    monkeypatch.setattr(cuda.elementwise, "kernel", lambda f, name, bf=False: launched.append(name) or
+                        real_kernel(f, name, bf))
+    rng = np.random.default_rng(31)
+    big = rng.standard_normal(3 * 8 * 37 + 5).astype(np.float32)
+    n_packed = 8 * 37                           # whole packs for fp32 (4) and bf16 (8)
+    cases = {"packed": slice(0, n_packed), "tail": slice(0, n_packed + 3), "mid-pack": slice(1, n_packed + 1)}
+    results = {}
+    for case, sl in cases.items():
+        x = np.empty(len(big), st)
+        x[...] = big
+        x = x[sl]                                   # a view: "mid-pack" starts 2 or 4 bytes in
+        y = np.empty(len(big), st)
+        y[...] = big[::-1]
+        y = y[sl]
+        launched.clear()
+        out = {k: np.full(x.shape, np.nan, st) for k in ("gelu", "dgelu", "res")}
+        cuda.gelu_forward(out["gelu"], x)
+        cuda.gelu_backward(out["dgelu"], x, y, None)
+        cuda.residual_forward(out["res"], x, y)
+        vec = case == "packed"
+        assert launched == [n + ("_x128" if vec else "") for n in ("gelu_forward", "gelu_backward",
+                                                                   "residual_forward")], case
+        results[case] = out
+        x32, y32 = x.astype(np.float32), y.astype(np.float32)
+        ref = {k: np.empty(x.shape, np.float32) for k in out}
+        cpu.gelu_forward(ref["gelu"], x32)
+        cpu.gelu_backward(ref["dgelu"], x32, y32, np.empty_like(x32))
+        cpu.residual_forward(ref["res"], x32, y32)
+        for k in out:
+            assert rel_err(out[k].astype(np.float32), ref[k]) <= (1e-5 if dtype == "fp32" else 8e-3), (case, k)
+    for k in ("gelu", "dgelu", "res"):             # the packed and tail runs share their first n_packed values
+        a, b = results["packed"][k], results["tail"][k][:n_packed]
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_layernorm_forwards_128_bit_path(cuda, monkeypatch, dtype):
+    # C = 48: whole 16-byte packs in both storage types, the x128 kernels;
+    # C = 44 (not whole bf16 packs, nor 32-lane multiples) and a view
+    # starting mid-pack: the scalar kernels. Each against the CPU op on the
+    # same stored inputs: fp32 within float32 rounding (the lanes sum in
+    # another order, so not bitwise); bf16 within a bf16 rounding.
+    if dtype == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    st = np.float32 if dtype == "fp32" else BF16
+    launched = []
+    real_kernel = cuda.layernorm.kernel
+    monkeypatch.setattr(cuda.layernorm, "kernel", lambda f, name, bf=False: launched.append(name) or
+                        real_kernel(f, name, bf))
+    rng = np.random.default_rng(32)
+    N = 37
+    for C, offset, vec in ((48, 0, True), (44, 0, dtype == "fp32"), (48, 1, False)):
+        def arr(*shape):
+            flat = np.empty(int(np.prod(shape)) + offset, st)
+            flat[...] = rng.standard_normal(flat.size)
+            return flat[offset:].reshape(shape)
+        a, b, w, bias = arr(N, C), arr(N, C), arr(C), arr(C)
+        out, res, out2 = arr(N, C), arr(N, C), arr(N, C)
+        mean, rstd, mean2, rstd2 = (np.empty(N, np.float32) for _ in range(4))
+        launched.clear()
+        cuda.layernorm_forward(out, mean, rstd, a, w, bias)
+        cuda.residual_layernorm_forward(res, out2, mean2, rstd2, a, b, w, bias)
+        suffix = "_x128" if vec else ""
+        assert launched == ["layernorm_forward" + suffix, "residual_layernorm_forward" + suffix], (C, offset)
+        f = lambda x: x.astype(np.float32)  # noqa: E731
+        ref, m_ref, r_ref = np.empty((N, C), np.float32), np.empty(N, np.float32), np.empty(N, np.float32)
+        cpu.layernorm_forward(ref, m_ref, r_ref, f(a), f(w), f(bias))
+        tol = 1e-5 if dtype == "fp32" else 8e-3
+        assert rel_err(f(out), ref) <= tol and rel_err(mean, m_ref) <= 1e-5 and rel_err(rstd, r_ref) <= 1e-5
+        res_ref = (f(a) + f(b)).astype(st)          # the sum as stored: what the statistics are of
+        assert np.array_equal(res.view(np.uint8), res_ref.view(np.uint8))
+        cpu.layernorm_forward(ref, m_ref, r_ref, f(res_ref), f(w), f(bias))
+        assert rel_err(f(out2), ref) <= tol and rel_err(mean2, m_ref) <= 1e-5 and rel_err(rstd2, r_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_adamw_128_bit_path(cuda, monkeypatch, dtype):
+    # n whole packs and aligned: the x128 kernel, with a segment (decay on /
+    # off) ending inside a pack; n with a tail, or a view starting mid-pack:
+    # one element per thread. Elementwise, the same arithmetic: the packed
+    # and tail runs agree bit for bit on their common elements (weights,
+    # moments and the stochastically rounded bf16 copy), and fp32 agrees
+    # with the CPU's adamw_update per segment.
+    if dtype == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    st = np.float32 if dtype == "fp32" else BF16
+    launched = []
+    real_kernel = cuda.optimizer.kernel
+    monkeypatch.setattr(cuda.optimizer, "kernel", lambda f, name, bf=False: launched.append(name) or
+                        real_kernel(f, name, bf))
+    rng = np.random.default_rng(33)
+    n_packed, cut = 8 * 37, 8 * 11 + 3            # the decayed segment ends mid-pack
+    base = {k: rng.standard_normal(n_packed + 8).astype(np.float32) for k in ("p", "g", "m")}
+    base["v"] = np.abs(base["m"])
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+    runs = {}
+    for case, (start, n) in {"packed": (0, n_packed), "tail": (0, n_packed + 3), "mid-pack": (1, n_packed)}.items():
+        def arr(key, dt=np.float32):
+            a = np.empty(n_packed + 8, dt)
+            a[...] = base[key]
+            return a[start:start + n]
+        p, m, v, g = arr("p"), arr("m"), arr("v"), arr("g", st)
+        copy = None if dtype == "fp32" else arr("p", st)
+        launched.clear()
+        cuda.adamw_step_flat(p, g, m, v, [(0, cut, True), (cut, n, False)], **hyper, param_copy=copy)
+        assert launched == ["adamw_update_x128" if case == "packed" else "adamw_update"], case
+        runs[case] = (p, m, v, copy)
+        if dtype == "fp32":                        # the NumPy reference, segment by segment
+            rp, rm, rv, rg = (arr(k).copy() for k in ("p", "m", "v", "g"))
+            for lo, hi, wd in ((0, cut, hyper["weight_decay"]), (cut, n, 0.0)):
+                cpu.adamw_update(rp[lo:hi], rg[lo:hi], rm[lo:hi], rv[lo:hi], hyper["lr"], hyper["beta1"],
+                                 hyper["beta2"], hyper["eps"], wd, hyper["step"], np.empty((2, n), np.float32))
+            assert rel_err(p, rp) <= 1e-6 and rel_err(m, rm) <= 1e-6 and rel_err(v, rv) <= 1e-6, case
+    for a, b in zip(runs["packed"], runs["tail"]):
+        if a is not None:
+            assert np.array_equal(a.view(np.uint8), b[:n_packed].view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_classifier_128_bit_path(cuda, monkeypatch, dtype):
+    # padded rows of Vp = 64 (whole packs, aligned; V = 53 leaves a partial
+    # pack: the read pass's scalar tail): the x128 kernels; the same logits
+    # in a buffer starting mid-pack, or rows of Vp = 61: the scalar ones.
+    # Losses and lse against the CPU op (the x128 read pass adds in another
+    # order: float32 rounding, not bitwise); the backward sweep given the
+    # same lse: the same bits on every layout, 0 in the padding; the fused
+    # kernel against the CPU's gradient (fp32 within expf's rounding, bf16
+    # within a bf16 rounding).
+    if dtype == "bf16" and BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    st = np.float32 if dtype == "fp32" else BF16
+    launched = []
+    real_kernel = cuda.classifier.kernel
+    monkeypatch.setattr(cuda.classifier, "kernel", lambda f, name, bf=False: launched.append(name) or
+                        real_kernel(f, name, bf))
+    rng = np.random.default_rng(34)
+    N, V = 7, 53
+    x = (3 * rng.standard_normal((N, V))).astype(np.float32)
+    tg = rng.integers(0, V, N)
+    ref = x.astype(st).astype(np.float32)
+    l_ref, s_ref = np.empty(N, np.float32), np.empty(N, np.float32)
+    cpu.crossentropy_forward(l_ref, s_ref, ref, tg)
+    g_ref = ref.copy()
+    cpu.crossentropy_backward(g_ref, s_ref, tg, 0.5)
+    tol = 1e-5 if dtype == "fp32" else 8e-3
+    swept = {}
+    for case, (Vp, offset) in {"packed": (64, 0), "mid-pack": (64, 1), "odd width": (61, 0)}.items():
+        suffix = "_x128" if case == "packed" else ""
+
+        def padded():
+            flat = np.zeros(N * Vp + offset, st)
+            logits = flat[offset:].reshape(N, Vp)
+            logits[:, :V] = x
+            logits[:, V:] = np.nan
+            return logits
+        logits, losses, lse = padded(), np.empty(N, np.float32), np.empty(N, np.float32)
+        launched.clear()
+        cuda.crossentropy_forward(losses, lse, logits, tg, V=V)
+        cuda.crossentropy_backward(logits, s_ref, tg, 0.5, V=V)          # the CPU's lse: a common input
+        assert launched == ["crossentropy_forward" + suffix, "crossentropy_backward" + suffix], case
+        assert rel_err(losses, l_ref) <= 1e-6 and rel_err(lse, s_ref) <= 1e-6, case
+        assert not np.any(logits[:, V:].astype(np.float32))
+        swept[case] = logits[:, :V].copy()
+        logits, losses, lse = padded(), np.empty(N, np.float32), np.empty(N, np.float32)
+        launched.clear()
+        cuda.crossentropy_forward_backward(losses, lse, logits, tg, 0.5, V=V)
+        assert launched == ["crossentropy_forward_backward" + suffix], case
+        assert rel_err(losses, l_ref) <= 1e-6 and rel_err(lse, s_ref) <= 1e-6, case
+        assert rel_err(logits[:, :V].astype(np.float32), g_ref) <= tol and not np.any(logits[:, V:].astype(np.float32))
+    for case, g in swept.items():
+        assert np.array_equal(g.view(np.uint8), swept["packed"].view(np.uint8)), case
+        assert rel_err(g.astype(np.float32), g_ref) <= tol, case
+
+

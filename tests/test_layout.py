@@ -177,6 +177,6 @@ def test_model_descriptors_as_llmc_reads_them():
         assert shape(f"gpt3:c{c}") == (depth, c // hs, c, 2048), c
     assert shape("gpt3:c5140") == (40, 40, 5120, 2048)
     assert preset("gpt3:c768", seq_len=4096).block_size == 4096
-    for bad in ("gpt3:c1000", "d0", "x12", "gpt3:768"):
+    for bad in ("gpt3:c1000", "d0", "d129", "d999", "x12", "gpt3:768"):
         with pytest.raises(LlmpyError, match="a model is one of d2, .* dN for any other depth N .* gpt3:cN"):
             preset(bad)

@@ -193,15 +193,85 @@ CUDA_ATTRIBUTES = {
 }
 
 
+# ----------------------------------------------------------------------------
+# the Llama family's layers (llmpy/llama.py): RMSNorm, rotary embeddings,
+# SwiGLU, grouped-query attention, and an embedding without positions
+#
+# Shapes as above, plus: NKV key/value heads (NH % NKV == 0: each k/v head
+# serves G = NH / NKV query heads), hs the head size (Llama's head_dim, not
+# always C / NH), I the MLP's intermediate size. The attention input is the
+# fused projection qkv (B, T, (NH + 2 NKV) hs): NH query heads, then NKV key
+# heads, then NKV value heads, each hs wide (q_proj, k_proj and v_proj
+# stacked). Same conventions as the GPT-2 ops: out-parameters, acc for the
+# parameter gradients, rmsnorm's backward ADDS into the residual stream.
+#
+# Only the NumPy backend has them so far: LLAMA_BACKENDS lists who does, and
+# functions() demands them of those backends only. The CUDA kernels are the
+# rest of issue 15; when they land, "cuda" joins LLAMA_BACKENDS and
+# tests/test_contract.py then demands every one of them of llmpy.ops.cuda.
+
+LLAMA_OPS: dict[str, Op] = {
+    # token embedding alone (RoPE carries the positions)
+    "embedding_forward": Op(
+        "(out, ids, wte)",
+        "out[b, t] = wte[ids[b, t]];  out (B, T, C), ids (B, T) int, wte (Vp, C)"),
+    "embedding_backward": Op(
+        "(dwte, dout, ids, acc=True, sorted_order=None)",
+        "dwte[v] (+)= sum of dout[b, t] over ids[b, t] == v (a scatter-add); sorted_order as encoder_backward's"),
+    # rmsnorm: y = x * rstd * w,  rstd = 1 / sqrt(mean_c(x^2) + eps)  (no mean removed, no bias)
+    "rmsnorm_forward": Op(
+        "(out, rstd, inp, weight, eps)",
+        "out = inp * rstd * weight per row, rstd = 1 / sqrt(mean_c(inp^2) + eps);  out, inp (N, C); "
+        "rstd (N,) float32; weight (C,); eps the config's rms_norm_eps"),
+    "residual_rmsnorm_forward": Op(
+        "(res, out, rstd, a, b, weight, eps)",
+        "res = a + b (res may be a), then out = rmsnorm(res): the residual add fused with the norm after it"),
+    "rmsnorm_backward": Op(
+        "(dinp, dweight, dout, inp, weight, rstd, scratch, acc=True)",
+        "xhat = inp * rstd, g = dout * weight:  dinp += rstd (g - xhat mean_c(g xhat)) (ADDED: the residual "
+        "stream's gradient);  dweight (+)= sum_n dout xhat;  scratch (2, N, C) float32 (as layernorm_backward's)"),
+    # rotary position embedding, Hugging Face's rotate-half layout: each head's
+    # halves x1 = x[:hs/2], x2 = x[hs/2:] rotated as pairs (x1_i, x2_i) by angle t * inv_freq_i
+    "rope_forward": Op(
+        "(out, inp, cos, sin)",
+        "out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin;  out, inp (B, T, H, hs) (any strides; out may be inp); "
+        "cos, sin (T, hs / 2) float32: the angles of the T positions (a slice of the host's table)"),
+    "rope_backward": Op(
+        "(dinp, dout, cos, sin)",
+        "the inverse rotation (a rotation's transpose): dx1 = dy1 cos + dy2 sin, dx2 = dy2 cos - dy1 sin; "
+        "dinp may be dout"),
+    # SwiGLU on the fused gate and up projections
+    "swiglu_forward": Op(
+        "(out, inp)",
+        "out = silu(gate) * up, silu(x) = x sigmoid(x);  out (N, I), inp (N, 2I) = [gate | up]"),
+    "swiglu_backward": Op(
+        "(dinp, dout, inp)",
+        "dgate = dout up sigmoid(gate) (1 + gate (1 - sigmoid(gate))), dup = dout silu(gate);  dinp (N, 2I) "
+        "overwritten"),
+    # grouped-query causal attention (NKV = NH is multi-head attention)
+    "gqa_attention_forward": Op(
+        "(out, att, qkv, n_head, n_kv_head)",
+        "query head h uses k/v head h // G:  att = softmax(q k^T / sqrt(hs) + causal mask), out = att v, heads "
+        "merged;  out (B, T, NH hs), qkv (B, T, (NH + 2 NKV) hs); att as attention_saved(B, NH, T, hs) says"),
+    "gqa_attention_backward": Op(
+        "(dqkv, dout, qkv, att, datt, n_head, n_kv_head, out=None)",
+        "as attention_backward per query head; dk, dv of a k/v head summed over its G query heads;  "
+        "dqkv (B, T, (NH + 2 NKV) hs) overwritten; datt scratch; out: the forward's output (flash only)"),
+}
+
+LLAMA_BACKENDS = {"cpu"}     # the backends that have LLAMA_OPS (not yet "cuda": issue 15)
+
+
 def functions(backend: str) -> dict[str, Op]:
     """Every function backend `backend` ('cpu' or 'cuda') must define: the
-    layer ops, the helpers and its own optimizer / device-step pieces."""
-    return {**OPS, **HELPERS, **ONLY_ON[backend]}
+    layer ops, the helpers and its own optimizer / device-step pieces, and
+    the Llama family's ops where it has them (LLAMA_BACKENDS)."""
+    return {**OPS, **HELPERS, **ONLY_ON[backend], **(LLAMA_OPS if backend in LLAMA_BACKENDS else {})}
 
 
 def timed_ops() -> tuple[str, ...]:
     """The functions llmpy/profile.py times (device work, either backend)."""
-    names = {n: None for n, op in {**OPS, **ONLY_ON["cpu"], **ONLY_ON["cuda"]}.items() if op.kernel}
+    names = {n: None for n, op in {**OPS, **ONLY_ON["cpu"], **ONLY_ON["cuda"], **LLAMA_OPS}.items() if op.kernel}
     return tuple(names)
 
 

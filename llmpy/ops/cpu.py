@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from . import contract, shared
+from .cpu_parallel import for_row_blocks as _for_row_blocks   # (private: public names here are the contract's ops)
 from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, shared with the kernels)
 
 name = "cpu"
@@ -180,14 +181,24 @@ def attention_forward(out, att, qkv, n_head):
     B, T, C3 = qkv.shape
     q, k, v = shared.split_heads(qkv, B, T, n_head)
     hs = C3 // (3 * n_head)
-    np.matmul(q, k.swapaxes(-1, -2), out=att)
-    att *= 1.0 / math.sqrt(hs)
-    att[..., shared.upper_triangle(np, T)] = -np.inf             # token t sees only s <= t
-    att -= att.max(axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    scale, masked = 1.0 / math.sqrt(hs), shared.upper_triangle(np, T)
     y = out.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    np.matmul(att, v, out=y)
+
+    def sequences(lo, hi):
+        # sequences lo:hi, every head: both products and the softmax's five
+        # passes while their (NH, T, T) probabilities are in cache
+        a = att[lo:hi]
+        np.matmul(q[lo:hi], k[lo:hi].swapaxes(-1, -2), out=a)
+        a *= scale
+        np.copyto(a, -np.inf, where=masked)                     # token t sees only s <= t
+        a -= a.max(axis=-1, keepdims=True)
+        np.exp(a, out=a)
+        a /= a.sum(axis=-1, keepdims=True)
+        np.matmul(a, v[lo:hi], out=y[lo:hi])
+
+    # one sequence a block, on the threads, each product on one BLAS thread
+    # (many small products: see cpu_parallel)
+    _for_row_blocks(sequences, B, n_head * T * T, block=1, blas_inside=True)
 
 
 def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
@@ -203,14 +214,21 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     q, k, v = shared.split_heads(qkv, B, T, n_head)
     dq, dk, dv = shared.split_heads(dqkv, B, T, n_head)
     dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
-    np.matmul(dy, v.swapaxes(-1, -2), out=datt)
-    rowdot = np.einsum("bhts,bhts->bht", datt, att)
-    datt -= rowdot[..., None]
-    datt *= att
-    datt *= 1.0 / math.sqrt(hs)
-    np.matmul(datt, k, out=dq)
-    np.matmul(datt.swapaxes(-1, -2), q, out=dk)
+    scale = 1.0 / math.sqrt(hs)
+
+    def sequences(lo, hi):
+        # sequences lo:hi, every head, as in attention_forward
+        a, d = att[lo:hi], datt[lo:hi]
+        np.matmul(a.swapaxes(-1, -2), dy[lo:hi], out=dv[lo:hi])
+        np.matmul(dy[lo:hi], v[lo:hi].swapaxes(-1, -2), out=d)
+        rowdot = np.einsum("bhts,bhts->bht", d, a)
+        d -= rowdot[..., None]
+        d *= a
+        d *= scale
+        np.matmul(d, k[lo:hi], out=dq[lo:hi])
+        np.matmul(d.swapaxes(-1, -2), q[lo:hi], out=dk[lo:hi])
+
+    _for_row_blocks(sequences, B, n_head * T * T, block=1, blas_inside=True)
 
 
 # ----------------------------------------------------------------------------
@@ -228,9 +246,22 @@ def gelu_forward(out, inp):
     u *= 0.5
 
 
+def _for_elementwise_blocks(fn, *arrays):
+    # fn(*blocks) on matching row blocks of same-shape arrays; C-contiguous
+    # arrays are cut into rows of their last axis (views: writes land in place)
+    if not all(a.flags.c_contiguous for a in arrays) or arrays[0].ndim == 0:
+        return fn(*arrays)
+    rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
+    _for_row_blocks(lambda lo, hi: fn(*(r[lo:hi] for r in rows)), rows[0].shape[0], rows[0].shape[1])
+
+
 def gelu_backward(dinp, inp, dout, scratch):
     # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 a x^2)
     # dinp may be the same array as dout; scratch has inp's shape.
+    _for_elementwise_blocks(_gelu_backward_rows, dinp, inp, dout, scratch)
+
+
+def _gelu_backward_rows(dinp, inp, dout, scratch):
     t = np.multiply(inp, inp, out=scratch)               # x^2
     du = GELU_S * (1.0 + 3.0 * GELU_A * t)               # du/dx
     t *= GELU_A
@@ -269,11 +300,15 @@ def crossentropy_forward(losses, lse, logits, targets, V=None):
     # losses, lse (N,); logits (N, Vp), V <= Vp real columns (default: all); targets (N,) int
     N = logits.shape[0]
     logits = logits[:, :V]
-    for i in range(0, N, _ROWS):
-        rows = logits[i:i + _ROWS]
-        m = rows.max(axis=1)
-        s = np.exp(rows - m[:, None]).sum(axis=1)
-        lse[i:i + _ROWS] = m + np.log(s)
+
+    def logsumexp(lo, hi):
+        for i in range(lo, hi, _ROWS):
+            rows = logits[i:min(i + _ROWS, hi)]
+            m = rows.max(axis=1)
+            s = np.exp(rows - m[:, None]).sum(axis=1)
+            lse[i:i + len(rows)] = m + np.log(s)
+
+    _for_row_blocks(logsumexp, N, logits.shape[1], block=_ROWS * logits.shape[1])
     losses[:] = lse - logits[np.arange(N), targets]
 
 
@@ -291,12 +326,18 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
     N = logits.shape[0]
     logits[:, V if V is not None else logits.shape[1]:] = 0
     logits = logits[:, :V]
-    for i in range(0, N, _ROWS):
-        rows = logits[i:i + _ROWS]
-        rows -= lse[i:i + _ROWS, None]
-        np.exp(rows, out=rows)
-    logits[np.arange(N), targets] -= 1.0
-    logits *= dloss
+
+    def dlogits(lo, hi):
+        # each 8-row chunk: exp(x - lse) - onehot, times dloss, while in cache
+        for i in range(lo, hi, _ROWS):
+            j = min(i + _ROWS, hi)
+            rows = logits[i:j]
+            rows -= lse[i:j, None]
+            np.exp(rows, out=rows)
+            rows[np.arange(j - i), targets[i:j]] -= 1.0
+            rows *= dloss
+
+    _for_row_blocks(dlogits, N, logits.shape[1], block=_ROWS * logits.shape[1])
 
 
 # ----------------------------------------------------------------------------
@@ -344,3 +385,190 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, s
 def attention_forward_cached(out, q, k, v, pos):
     # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); no backward is kept.
     shared.attention_forward_cached(np, out, q, k, v, pos)
+
+
+# ============================================================================
+# the Llama family's ops (contract.LLAMA_OPS): embedding, RMSNorm, RoPE,
+# SwiGLU, grouped-query attention. Shapes as in the contract: NKV key/value
+# heads, hs the head size, I the MLP's intermediate size.
+
+# ----------------------------------------------------------------------------
+# embedding: out[b, t] = wte[ids[b, t]] (RoPE, not a table, carries the positions)
+
+def embedding_forward(out, ids, wte):
+    # out (B, T, C), ids (B, T) int, wte (Vp, C)
+    np.take(wte, ids, axis=0, out=out)
+
+
+def embedding_backward(dwte, dout, ids, acc=True, sorted_order=None):
+    # The rows were gathered, so their gradient scatters back: a token seen
+    # twice gets both contributions. (sorted_order: the GPU's; unused here.)
+    C = dout.shape[-1]
+    if not acc:
+        dwte[...] = 0
+    np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))
+
+
+# ----------------------------------------------------------------------------
+# rmsnorm: y = x * rstd * w,  rstd = 1 / sqrt(mean_c(x^2) + eps)
+
+def rmsnorm_forward(out, rstd, inp, weight, eps):
+    # out, inp (N, C); rstd (N,); weight (C,)
+    C = inp.shape[-1]
+    mean_sq = np.einsum("ij,ij->i", inp, inp) / C
+    np.sqrt(mean_sq + eps, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    np.multiply(inp, rstd[:, None], out=out)
+    out *= weight
+
+
+def residual_rmsnorm_forward(res, out, rstd, a, b, weight, eps):
+    # The residual add fused with the norm after it: res = a + b (res may be a), out = rmsnorm(res).
+    np.add(a, b, out=res)
+    rmsnorm_forward(out, rstd, res, weight, eps)
+
+
+def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, scratch, acc=True):
+    # y_j = w_j x_j r with r = (mean_i(x_i^2) + eps)^(-1/2), so dr/dx_j = -r^3 x_j / C.
+    # With xhat = x r and g = dout * w (the gradient wrt xhat):
+    #   dx_j = g_j r + sum_i g_i x_i (-r^3 x_j / C) = r (g_j - xhat_j mean_i(g_i xhat_i))
+    # (layernorm's formula without the mean(g) term: no mean was removed).
+    #   dw = sum_n dout xhat
+    # dinp is ADDED to (the residual stream's gradient); scratch is (2, N, C).
+    C = inp.shape[-1]
+    xhat, g = scratch[0], scratch[1]
+    np.multiply(inp, rstd[:, None], out=xhat)
+    if acc:
+        dweight += np.einsum("ij,ij->j", dout, xhat)
+    else:
+        dweight[...] = np.einsum("ij,ij->j", dout, xhat)
+    np.multiply(dout, weight, out=g)
+    gx_mean = np.einsum("ij,ij->i", g, xhat) / C
+    xhat *= gx_mean[:, None]
+    g -= xhat
+    g *= rstd[:, None]
+    dinp += g
+
+
+# ----------------------------------------------------------------------------
+# rope: rotary position embedding in Hugging Face's rotate-half layout.
+# Position t turns the pair (x1_i, x2_i) = (x[i], x[i + hs/2]) of every head
+# by the angle t * inv_freq_i:
+#   out1 = x1 cos - x2 sin,   out2 = x2 cos + x1 sin
+# (HF writes it x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1]).
+# cos, sin (T, hs/2) are the angles' cosines and sines for the T positions.
+
+def rope_forward(out, inp, cos, sin):
+    # out, inp (B, T, H, hs), any strides (the q and k heads of qkv); out may be inp
+    h = inp.shape[-1] // 2
+    c, s = cos[:, None, :], sin[:, None, :]           # (T, 1, hs/2): the same angle for every head
+    x1, x2 = inp[..., :h], inp[..., h:]
+    out1 = x1 * c - x2 * s
+    out[..., h:] = x2 * c + x1 * s
+    out[..., :h] = out1
+
+
+def rope_backward(dinp, dout, cos, sin):
+    # A rotation is linear with Jacobian R(angle); its transpose is the
+    # rotation by -angle:  dx1 = dy1 cos + dy2 sin,  dx2 = dy2 cos - dy1 sin.
+    # dinp may be dout.
+    h = dout.shape[-1] // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    dy1, dy2 = dout[..., :h], dout[..., h:]
+    dx1 = dy1 * c + dy2 * s
+    dinp[..., h:] = dy2 * c - dy1 * s
+    dinp[..., :h] = dx1
+
+
+# ----------------------------------------------------------------------------
+# swiglu: out = silu(gate) * up,  silu(x) = x sigmoid(x),  inp = [gate | up]
+
+def _sigmoid(x):
+    # 1 / (1 + e^-x) written with tanh: no overflow for large |x|
+    s = np.tanh(0.5 * x)
+    s += 1.0
+    s *= 0.5
+    return s
+
+
+def swiglu_forward(out, inp):
+    # out (N, I); inp (N, 2I): the fused gate and up projections
+    I = out.shape[-1]
+    gate, up = inp[:, :I], inp[:, I:]
+    np.multiply(gate, _sigmoid(gate), out=out)
+    out *= up
+
+
+def swiglu_backward(dinp, dout, inp):
+    # With s = sigmoid(gate):  silu'(gate) = s + gate s (1 - s) = s (1 + gate (1 - s)), so
+    #   dgate = dout * up * s (1 + gate (1 - s)),   dup = dout * gate * s
+    # dinp (N, 2I) overwritten.
+    I = dout.shape[-1]
+    gate, up = inp[:, :I], inp[:, I:]
+    dgate, dup = dinp[:, :I], dinp[:, I:]
+    s = _sigmoid(gate)
+    np.multiply(gate, s, out=dup)
+    dup *= dout                                          # dup = dout silu(gate)
+    np.subtract(1.0, s, out=dgate)
+    dgate *= gate
+    dgate += 1.0
+    dgate *= s
+    dgate *= up
+    dgate *= dout
+
+
+# ----------------------------------------------------------------------------
+# grouped-query causal attention from the fused qkv (B, T, (NH + 2 NKV) hs).
+# Query head h = j G + g (G = NH / NKV) uses key/value head j, as HF's
+# repeat_kv does; the query heads are viewed as (NKV, G) so that one matmul
+# broadcasts each k/v head over its group without copying it.
+
+def _gqa_heads(x, n_head, n_kv_head):
+    """(B, T, (NH + 2 NKV) hs) -> q (B, NKV, G, T, hs), k and v (B, NKV, 1, T, hs): views."""
+    B, T, W = x.shape
+    hs = W // (n_head + 2 * n_kv_head)
+    G = n_head // n_kv_head
+    q = x[..., :n_head * hs].reshape(B, T, n_kv_head, G, hs).transpose(0, 2, 3, 1, 4)
+    kv = x[..., n_head * hs:].reshape(B, T, 2, n_kv_head, hs).transpose(2, 0, 3, 1, 4)
+    return q, kv[0][:, :, None], kv[1][:, :, None]
+
+
+def gqa_attention_forward(out, att, qkv, n_head, n_kv_head):
+    # out (B, T, NH hs); att (B, NH, T, T) keeps the softmax probabilities
+    #   att = softmax(q k^T / sqrt(hs) + causal mask),  out = att v
+    B, T, _ = qkv.shape
+    q, k, v = _gqa_heads(qkv, n_head, n_kv_head)
+    NKV, G, hs = q.shape[1], q.shape[2], q.shape[-1]
+    a = att.reshape(B, NKV, G, T, T)                     # a view: att is contiguous
+    np.matmul(q, k.swapaxes(-1, -2), out=a)
+    a *= 1.0 / math.sqrt(hs)
+    a[..., shared.upper_triangle(np, T)] = -np.inf       # token t sees only s <= t
+    a -= a.max(axis=-1, keepdims=True)
+    np.exp(a, out=a)
+    a /= a.sum(axis=-1, keepdims=True)
+    y = out.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)
+    np.matmul(a, v, out=y)
+
+
+def gqa_attention_backward(dqkv, dout, qkv, att, datt, n_head, n_kv_head, out=None):
+    # dqkv (B, T, (NH + 2 NKV) hs) overwritten; dout (B, T, NH hs); att from
+    # the forward pass; datt scratch of att's shape; out unused here.
+    # Per query head, as attention_backward:
+    #   dv = att^T dy,  datt = dy v^T,  dpre = att * (datt - rowsum(datt * att)),
+    #   dq = dpre k / sqrt(hs),  dk = dpre^T q / sqrt(hs);
+    # a k/v head was read by its G query heads, so its dk, dv are the sums of theirs.
+    B, T, _ = qkv.shape
+    q, k, v = _gqa_heads(qkv, n_head, n_kv_head)
+    dq, dk, dv = _gqa_heads(dqkv, n_head, n_kv_head)
+    NKV, G, hs = q.shape[1], q.shape[2], q.shape[-1]
+    a = att.reshape(B, NKV, G, T, T)
+    da = datt.reshape(B, NKV, G, T, T)
+    dy = dout.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)
+    np.sum(np.matmul(a.swapaxes(-1, -2), dy), axis=2, keepdims=True, out=dv)
+    np.matmul(dy, v.swapaxes(-1, -2), out=da)
+    rowdot = np.einsum("bkgts,bkgts->bkgt", da, a)
+    da -= rowdot[..., None]
+    da *= a
+    da *= 1.0 / math.sqrt(hs)
+    np.matmul(da, k, out=dq)
+    np.sum(np.matmul(da.swapaxes(-1, -2), q), axis=2, keepdims=True, out=dk)

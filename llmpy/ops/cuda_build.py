@@ -20,14 +20,26 @@ from . import contract
 
 KERNEL_DIR = Path(__file__).parent / "cuda"      # *.cu, one per layer family, beside its .py; common.cuh
 
-LN_ROWS_PER_CHUNK = 32      # layernorm.cu: rows per partial sum of dweight / dbias (stage 1)
-BIAS_ROWS_PER_CHUNK = 64    # matmul.cu: rows per partial sum of a bias gradient (stage 1)
+# The column sums behind the layernorm and bias gradients: stage 1 sums
+# chunks of rows, one thread per column; stage 2 (common.cuh's
+# column_sum_tile) adds the ceil(N / chunk) chunk sums with COLSUM_THREADS
+# threads per 32 columns. At N = 65,536 (d12, B = 64) a chunk of 128 rows
+# leaves 512 chunk sums: 16 per warp, then 32 warp totals; stage 1 still has
+# 512 blocks per 256 columns to fill the GPU.
+LN_ROWS_PER_CHUNK = 128     # layernorm.cu: rows per partial sum of dweight / dbias (stage 1)
+BIAS_ROWS_PER_CHUNK = 128   # matmul.cu: rows per partial sum of a bias gradient (stage 1)
+COLSUM_THREADS = 1024       # layernorm.cu, matmul.cu: the block of stage 2 (its shared array's size)
+# layernorm.cu's fused backward keeps a row's C values in registers, this
+# many per thread of a 256-thread block: C <= 2048 (GPT-2 up to d48, C = 1600)
+LN_BWD_COLS_PER_THREAD = 8
 ENCODER_SEGMENT = 128       # encoder.cu: sorted positions per block of the dwte scatter-add (pass 1)
 
 DEFINES = {
     "LN_EPS": contract.LN_EPS,
     "LN_ROWS_PER_CHUNK": LN_ROWS_PER_CHUNK,
     "BIAS_ROWS_PER_CHUNK": BIAS_ROWS_PER_CHUNK,
+    "COLSUM_THREADS": COLSUM_THREADS,
+    "LN_BWD_COLS_PER_THREAD": LN_BWD_COLS_PER_THREAD,
     "ENCODER_SEGMENT": ENCODER_SEGMENT,
     "GELU_S": contract.GELU_S,
     "GELU_A": contract.GELU_A,

@@ -66,7 +66,7 @@ capturable = matmul.lt is not None
 
 # How much scratch the backward's ops need here (model.Activations asks; the
 # CPU reference needs the contract's shapes): layernorm_backward keeps only
-# the column sums of each chunk of LN_ROWS_PER_CHUNK rows, (2, N / 32, C)
+# the column sums of each chunk of LN_ROWS_PER_CHUNK rows, (2, N / 128, C)
 # float32 instead of (2, N, C), and matmul_backward's GELU derivative needs no
 # gelu_scratch (the DGELU epilogue, or our kernel in place).
 ln_scratch_rows_per_chunk = LN_ROWS_PER_CHUNK

@@ -2,13 +2,16 @@
 gradient written in place into the logits (classifier.cu: one block per row,
 an online max / sum in one read of the row).
 
+Every sweep over the logits uses 128-bit loads and stores where the rows allow
+(runtime.rows128: Vp whole 16-byte packs, the logits aligned).
+
 The logits are (N, Vp) with only the first V columns real (the model pads
 the vocabulary for the matmuls): the forward skips the padding, the backward
 writes 0 there.
 """
 from __future__ import annotations
 
-from .runtime import check_f32, check_floatx, f32, i32, ids64, kernel
+from .runtime import check_f32, check_floatx, f32, i32, ids64, kernel, rows128
 
 CE_BLOCK = 1024             # one block per row of 50257 logits: ~50 values per thread
 
@@ -24,7 +27,8 @@ def crossentropy_forward(losses, lse, logits, targets, V=None):
     # losses, lse (N,) float32; logits (N, Vp) of which the first V columns are real; targets (N,) int
     check_f32(losses, lse)
     bf, N, V, Vp = _logits_shape(logits, V)
-    kernel("classifier.cu", "crossentropy_forward", bf)(
+    x128 = "_x128" if rows128(Vp, logits) else ""      # the read pass with 128-bit loads
+    kernel("classifier.cu", "crossentropy_forward" + x128, bf)(
         (N,), (CE_BLOCK,), (losses, lse, logits, ids64(targets), i32(N), i32(V), i32(Vp)))
 
 
@@ -32,7 +36,8 @@ def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
     # crossentropy_forward, then crossentropy_backward, in one kernel (one pass over the logits)
     check_f32(losses, lse)
     bf, N, V, Vp = _logits_shape(logits, V)
-    kernel("classifier.cu", "crossentropy_forward_backward", bf)(
+    x128 = "_x128" if rows128(Vp, logits) else ""      # both sweeps with 128-bit access
+    kernel("classifier.cu", "crossentropy_forward_backward" + x128, bf)(
         (N,), (CE_BLOCK,), (losses, lse, logits, ids64(targets), f32(dloss), i32(N), i32(V), i32(Vp)))
 
 
@@ -40,5 +45,6 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
     # logits (N, Vp) become (softmax - onehot) * dloss in the first V columns, 0 after, in place
     check_f32(lse)
     bf, N, V, Vp = _logits_shape(logits, V)
-    kernel("classifier.cu", "crossentropy_backward", bf)(
+    x128 = "_x128" if rows128(Vp, logits) else ""
+    kernel("classifier.cu", "crossentropy_backward" + x128, bf)(
         (N,), (CE_BLOCK,), (logits, lse, ids64(targets), f32(dloss), i32(N), i32(V), i32(Vp)))

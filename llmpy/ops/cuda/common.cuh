@@ -47,6 +47,24 @@ __device__ __forceinline__ float from_f_stochastic(float x, unsigned) { return x
 #endif
 
 #define WARP_SIZE 32
+
+// 128-bit access: X128 values of floatX (4 float, 8 bf16) moved in one
+// 16-byte load or store (ld.global.v4) instead of X128 narrow ones; the
+// memory-bound kernels' *_x128 variants use it. The address must be a
+// multiple of 16 bytes: the host checks (runtime.packs128) and otherwise
+// launches the one-value-per-thread kernel. Loaded as an int4 (what the
+// hardware moves in one instruction), reinterpreted as the values.
+#define X128 ((int)(16 / sizeof(floatX)))
+struct alignas(16) x128 {
+    floatX v[16 / sizeof(floatX)];
+};
+__device__ __forceinline__ x128 load128(const floatX* p) {
+    int4 bits = *reinterpret_cast<const int4*>(p);
+    return *reinterpret_cast<x128*>(&bits);
+}
+__device__ __forceinline__ void store128(floatX* p, x128 x) {
+    *reinterpret_cast<int4*>(p) = *reinterpret_cast<int4*>(&x);
+}
 #define FULL_MASK 0xffffffffu
 // -infinity without <math.h> (NVRTC has no C library headers)
 #define NEG_INF __int_as_float(0xff800000)
@@ -88,4 +106,28 @@ __device__ __forceinline__ float block_max(float x, float* shared) {
     __syncthreads();
     x = lane < nwarps ? shared[lane] : NEG_INF;
     return warp_max(x);
+}
+
+// The last stage of a column sum: total[c] = sum_k partial[k, c] over the
+// nrows rows of a (nrows, C) float32 matrix of partial sums (one row per
+// chunk of the first stage). The block owns WARP_SIZE adjacent columns, one
+// per lane, so each warp reads 128 contiguous bytes of a row; its blockDim.x /
+// WARP_SIZE warps take every G-th row (G warps: warp w sums rows w, w + G,
+// w + 2G, ... in that order), and warp 0 then adds the G warp totals in
+// warp order. A fixed order whatever the timing (no atomics): the same bits
+// on every run. Compared with one thread walking all nrows rows, the serial
+// chain is nrows / G + G long and ceil(C / 32) blocks share the work.
+// Every thread of the block must call it (it has barriers); `shared` holds
+// blockDim.x floats; the result is meaningful in warp 0, for c < C.
+__device__ __forceinline__ float column_sum_tile(const float* partial, int nrows, int C, int c, float* shared) {
+    const int warp = threadIdx.x / WARP_SIZE, nwarps = blockDim.x / WARP_SIZE;
+    float s = 0.0f;
+    if (c < C)
+        for (int k = warp; k < nrows; k += nwarps) s += partial[(long long)k * C + c];
+    __syncthreads();                     // shared may still be read by a previous call
+    shared[threadIdx.x] = s;
+    __syncthreads();
+    if (warp == 0)
+        for (int w = 1; w < nwarps; w++) s += shared[w * WARP_SIZE + threadIdx.x];
+    return s;
 }

@@ -20,6 +20,9 @@ d_stride elements each time (strided batched GEMM), and then the epilogue on D:
     "bias"           D += bias (a length-m vector, added to every column)
     "gelu_aux_bias"  aux = D + bias; D = gelu(aux)     (aux m x n, ld aux_ld)
     "dgelu"          D = D * gelu'(aux)                (aux: the pre-gelu values)
+    "bgradb"         bias = sum over k of op(B), a float32 vector of length n
+                     (CUBLASLT_EPILOGUE_BGRADB: one value per column of D,
+                     written, not added; D is the product as usual)
 
 Numerics: float32 compute (CUBLAS_COMPUTE_32F, no TF32) for both storage
 types: bf16 inputs and outputs with float32 accumulation, or float32 all
@@ -41,7 +44,8 @@ CUDA_R_32F, CUDA_R_16BF = 0, 14          # cudaDataType_t
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77   # cublasComputeType_t
 OPS = {"N": 0, "T": 1}                    # cublasOperation_t
 EPILOGUES = {"default": lt.Epilogue.DEFAULT, "bias": lt.Epilogue.BIAS,
-             "gelu_aux_bias": lt.Epilogue.GELU_AUX_BIAS, "dgelu": lt.Epilogue.DGELU}
+             "gelu_aux_bias": lt.Epilogue.GELU_AUX_BIAS, "dgelu": lt.Epilogue.DGELU,
+             "bgradb": lt.Epilogue.BGRADB}
 WORKSPACE_BYTES = 32 << 20                # cuBLASLt's recommendation for Hopper
 tf32 = False                              # float32 storage: TF32 tensor cores (set before the plans are made)
 
@@ -109,6 +113,10 @@ def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, align
     set_desc(A.EPILOGUE, int(EPILOGUES[epilogue]))
     if epilogue in ("gelu_aux_bias", "dgelu"):
         set_desc(A.EPILOGUE_AUX_LD, aux_ld)
+    if epilogue == "bgradb":
+        # the bias gradient in float32 whatever the storage: matmul.py adds it
+        # into dbias (or writes it) with one rounding, as our own kernel does
+        set_desc(A.BIAS_DATA_TYPE, CUDA_R_32F)
     # layouts of A, B and D as stored (before op): rows x cols, column-major
     a_stride, b_stride, d_stride = strides
     adesc = _layout(t, m if transa == "N" else k, k if transa == "N" else m, lda, batch, a_stride)
@@ -131,8 +139,11 @@ def _plan(transa, transb, m, n, k, lda, ldb, ldd, dtype, epilogue, aux_ld, align
     found = np.zeros(1, dtype=np.int32)
     # The pointer attributes (bias, aux) are set per call: the heuristic
     # depends on the epilogue's kind, not on the addresses.
-    lt.matmul_algo_get_heuristic(_State.handle, desc, adesc, bdesc, ddesc, ddesc, pref, 1, result.ptr,
-                                 found.ctypes.data)
+    try:
+        lt.matmul_algo_get_heuristic(_State.handle, desc, adesc, bdesc, ddesc, ddesc, pref, 1, result.ptr,
+                                     found.ctypes.data)
+    except lt.cuBLASLtError:        # CUBLAS_STATUS_NOT_SUPPORTED: no heuristic for this configuration
+        found[0] = 0
     lt.matmul_preference_destroy(pref)
     if found[0] == 0:
         lt.matmul_desc_destroy(desc)
@@ -156,7 +167,7 @@ def gemm(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, beta=0.0, epilo
     A = lt.MatmulDescAttribute
     set_desc = lambda attr, v: _set(lt.matmul_desc_set_attribute,  # noqa: E731
                                     lt.get_matmul_desc_attribute_dtype, desc, attr, v)
-    if epilogue in ("bias", "gelu_aux_bias"):
+    if epilogue in ("bias", "gelu_aux_bias", "bgradb"):
         set_desc(A.BIAS_POINTER, bias)
     if epilogue in ("gelu_aux_bias", "dgelu"):
         set_desc(A.EPILOGUE_AUX_POINTER, aux)

@@ -1,24 +1,34 @@
 """gelu (tanh approximation, gelu.cu) and the residual add (residual.cu):
-elementwise kernels, one thread per element."""
+elementwise kernels, one thread per 16-byte pack of values (128-bit loads)
+where the buffers allow it (runtime.packs128), else one thread per element."""
 from __future__ import annotations
 
-from .runtime import BLOCK, blocks, check_floatx, i64, kernel
+from .runtime import BLOCK, blocks, check_floatx, i64, kernel, packs128
+
+
+def _launch(file, name, bf, n, arrays):
+    # the x128 kernel over the packs, or the scalar one over the n values
+    packs = packs128(*arrays)
+    if packs is None:
+        kernel(file, name, bf)((blocks(n),), (BLOCK,), (*arrays, i64(n)))
+    else:
+        kernel(file, name + "_x128", bf)((blocks(packs),), (BLOCK,), (*arrays, i64(packs)))
 
 
 def gelu_forward(out, inp):
     # out = 0.5 x (1 + tanh(GELU_S (x + GELU_A x^3)))
     bf = check_floatx(out, inp)
-    kernel("gelu.cu", "gelu_forward", bf)((blocks(inp.size),), (BLOCK,), (out, inp, i64(inp.size)))
+    _launch("gelu.cu", "gelu_forward", bf, inp.size, (out, inp))
 
 
 def gelu_backward(dinp, inp, dout, scratch):
     # dinp may be the same array as dout; scratch is unused (the kernel keeps
     # its temporaries in registers).
     bf = check_floatx(dinp, inp, dout)
-    kernel("gelu.cu", "gelu_backward", bf)((blocks(inp.size),), (BLOCK,), (dinp, inp, dout, i64(inp.size)))
+    _launch("gelu.cu", "gelu_backward", bf, inp.size, (dinp, inp, dout))
 
 
 def residual_forward(out, a, b):
     # out = a + b
     bf = check_floatx(out, a, b)
-    kernel("residual.cu", "residual_forward", bf)((blocks(a.size),), (BLOCK,), (out, a, b, i64(a.size)))
+    _launch("residual.cu", "residual_forward", bf, a.size, (out, a, b))

@@ -1,14 +1,18 @@
 """layernorm: y = (x - mean) * rstd * w + b over each row's C channels,
 rstd = 1 / sqrt(var + LN_EPS); and the residual add fused with it.
 
-Kernels in layernorm.cu: one warp per row for the forward and the input
-gradient; the parameter gradients as a two-stage column sum (chunks of
-LN_ROWS_PER_CHUNK rows, then the chunks in order: deterministic).
+Kernels in layernorm.cu: one warp per row for the forward (with 128-bit
+loads where the rows allow, runtime.rows128). The backward:
+one block per chunk of LN_ROWS_PER_CHUNK rows reads dout and inp once, adds
+the input gradient and leaves the chunk's column sums of the parameter
+gradients (layernorm_backward_fused; rows wider than its registers hold:
+a warp per row, then a column-sum kernel); then the chunk sums in a fixed
+order, a block of COLSUM_THREADS threads per 32 columns (deterministic).
 """
 from __future__ import annotations
 
-from ..cuda_build import LN_ROWS_PER_CHUNK
-from .runtime import BLOCK, WARP, blocks, check_f32, check_floatx, i32, kernel
+from ..cuda_build import COLSUM_THREADS, LN_BWD_COLS_PER_THREAD, LN_ROWS_PER_CHUNK
+from .runtime import BLOCK, WARP, blocks, check_f32, check_floatx, i32, kernel, rows128
 
 ROWS_PER_BLOCK = BLOCK // WARP          # one warp per row
 
@@ -19,7 +23,8 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
     bf = check_floatx(out, inp, weight, bias)
     C = inp.shape[-1]
     N = inp.size // C
-    kernel("layernorm.cu", "layernorm_forward", bf)(
+    name = "layernorm_forward_x128" if rows128(C, out, inp, weight, bias) else "layernorm_forward"
+    kernel("layernorm.cu", name, bf)(
         (blocks(N, ROWS_PER_BLOCK),), (BLOCK,), (out, mean, rstd, inp, weight, bias, i32(N), i32(C)))
 
 
@@ -29,7 +34,8 @@ def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias):
     bf = check_floatx(res, out, a, b, weight, bias)
     C = a.shape[-1]
     N = a.size // C
-    kernel("layernorm.cu", "residual_layernorm_forward", bf)(
+    vec = rows128(C, res, out, a, b, weight, bias)
+    kernel("layernorm.cu", "residual_layernorm_forward_x128" if vec else "residual_layernorm_forward", bf)(
         (blocks(N, ROWS_PER_BLOCK),), (BLOCK,), (res, out, mean, rstd, a, b, weight, bias, i32(N), i32(C)))
 
 
@@ -40,14 +46,20 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     bf = check_floatx(dinp, dweight, dbias, dout, inp, weight)
     C = inp.shape[-1]
     N = inp.size // C
-    kernel("layernorm.cu", "layernorm_backward_input", bf)(
-        (blocks(N, ROWS_PER_BLOCK),), (BLOCK,), (dinp, dout, inp, weight, mean, rstd, i32(N), i32(C)))
     nchunks = blocks(N, LN_ROWS_PER_CHUNK)
     if scratch.shape[0] != 2 or scratch[0].size < nchunks * C:
         raise ValueError(f"layernorm_backward: scratch {scratch.shape} holds less than (2, {nchunks}, {C})")
     partial_w, partial_b = scratch[0], scratch[1]         # each holds >= nchunks * C floats
-    kernel("layernorm.cu", "layernorm_backward_params_partial", bf)(
-        (blocks(C), nchunks), (BLOCK,), (partial_w, partial_b, dout, inp, mean, rstd, i32(N), i32(C)))
+    if C <= LN_BWD_COLS_PER_THREAD * BLOCK:
+        # one pass over dout and inp: dinp and the chunks' column sums together
+        kernel("layernorm.cu", "layernorm_backward_fused", bf)(
+            (nchunks,), (BLOCK,), (dinp, partial_w, partial_b, dout, inp, weight, mean, rstd, i32(N), i32(C)))
+    else:
+        # rows too wide for the fused kernel's registers: a warp per row, then the column sums
+        kernel("layernorm.cu", "layernorm_backward_input", bf)(
+            (blocks(N, ROWS_PER_BLOCK),), (BLOCK,), (dinp, dout, inp, weight, mean, rstd, i32(N), i32(C)))
+        kernel("layernorm.cu", "layernorm_backward_params_partial", bf)(
+            (blocks(C), nchunks), (BLOCK,), (partial_w, partial_b, dout, inp, mean, rstd, i32(N), i32(C)))
     kernel("layernorm.cu", "layernorm_backward_params_final", bf)(
-        (blocks(C),), (BLOCK,), (dweight, dbias, partial_w, partial_b, i32(nchunks), i32(C),
-                                 i32(1 if acc else 0)))
+        (blocks(C, WARP),), (COLSUM_THREADS,), (dweight, dbias, partial_w, partial_b, i32(nchunks), i32(C),
+                                                i32(1 if acc else 0)))

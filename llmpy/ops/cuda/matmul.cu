@@ -6,13 +6,14 @@
 // before the end), in a fixed order so that runs repeat bit for bit: stage 1
 // sums chunks of BIAS_ROWS_PER_CHUNK rows into partial[chunk, o], one thread
 // per column (threads along o read coalesced); stage 2 adds the chunks up in
-// order. Grid of stage 1: (ceil(OC / block), chunks).
+// a fixed order, a block per 32 columns. Grid of stage 1: (ceil(OC / block), chunks).
 #include "common.cuh"
 
-// BIAS_ROWS_PER_CHUNK comes from Python as a -D option (llmpy/ops/cuda_build.py),
-// so the kernel's chunk and the host's launch grid cannot disagree.
-#ifndef BIAS_ROWS_PER_CHUNK
-#error "compile with -DBIAS_ROWS_PER_CHUNK=... (the options of llmpy/ops/cuda_build.py)"
+// BIAS_ROWS_PER_CHUNK and COLSUM_THREADS come from Python as -D options
+// (llmpy/ops/cuda_build.py), so the kernel's chunk and block and the host's
+// launch grid cannot disagree.
+#if !defined(BIAS_ROWS_PER_CHUNK) || !defined(COLSUM_THREADS)
+#error "compile with -DBIAS_ROWS_PER_CHUNK=... -DCOLSUM_THREADS=... (the options of llmpy/ops/cuda_build.py)"
 #endif
 
 extern "C" __global__ void bias_backward_partial(float* partial, const floatX* dout, int N, int OC) {
@@ -25,12 +26,17 @@ extern "C" __global__ void bias_backward_partial(float* partial, const floatX* d
     partial[(long long)chunk * OC + o] = s;
 }
 
-// Stage 2: one thread per column; acc = 0 overwrites dbias, acc = 1 adds.
+// Stage 2: the chunks' sums added up column by column (column_sum_tile,
+// common.cuh: a block per WARP_SIZE columns, a fixed order); acc = 0
+// overwrites dbias, acc = 1 adds. Grid: ceil(OC / WARP_SIZE) blocks of
+// COLSUM_THREADS threads. With nchunks = 1 it is the accumulation rule alone:
+// how the float32 bias gradient of cuBLASLt's BGRADB epilogue (matmul.py)
+// reaches dbias, added or written, rounded once.
 extern "C" __global__ void bias_backward_final(floatX* dbias, const float* partial, int nchunks, int OC, int acc) {
-    int o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= OC) return;
-    float s = 0.0f;
-    for (int k = 0; k < nchunks; k++) s += partial[(long long)k * OC + o];
+    __shared__ float shared[COLSUM_THREADS];
+    int o = blockIdx.x * WARP_SIZE + threadIdx.x % WARP_SIZE;
+    float s = column_sum_tile(partial, nchunks, OC, o, shared);
+    if (threadIdx.x >= WARP_SIZE || o >= OC) return;
     dbias[o] = from_f(acc ? to_f(dbias[o]) + s : s);
 }
 

@@ -8,8 +8,10 @@ GELU passes. The choice is made once, here, at import (LLMPY_CUBLASLT=0
 turns cuBLASLt off, to compare); `matmul_library` says which, and why.
 Where cuBLASLt has no algorithm for a fused epilogue (cublaslt.NoAlgorithm:
 an fp32 GELU epilogue, say), that product takes the unfused path: the plain
-GEMM, then our bias and GELU kernels. The bias gradient is our own kernel
-(matmul.cu) on both paths. use_tf32(True): float32 GEMMs on TF32 tensor cores.
+GEMM, then our bias and GELU kernels. The bias gradient comes from the
+weight-gradient GEMM's BGRADB epilogue on the cuBLASLt path (it reads dout
+anyway: no second pass over it), else from our column sum (matmul.cu).
+use_tf32(True): float32 GEMMs on TF32 tensor cores.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import os
 import cupy
 import numpy as np
 
-from ..cuda_build import BIAS_ROWS_PER_CHUNK
+from ..cuda_build import BIAS_ROWS_PER_CHUNK, COLSUM_THREADS
 from .elementwise import gelu_backward, gelu_forward
-from .runtime import BLOCK, blocks, check_floatx, i32, kernel, ptr, scratch, stream
+from .runtime import BLOCK, WARP, blocks, check_floatx, i32, kernel, ptr, scratch, stream
 
 lt, matmul_library = None, "cublas (cupy)"
 if os.environ.get("LLMPY_CUBLASLT", "1") != "0":
@@ -137,7 +139,23 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
                         stream=stream())
             if gelu_inp is not None and not fuse_dgelu:
                 gelu_backward(dinp, gelu_inp, dinp, None)
-        # dW^T (C x OC) (+)= inp^T (C x N: inp's buffer, op N, ld C) @ dout (N x OC: dout's buffer, op T, ld OC)
+        # dW^T (C x OC) (+)= inp^T (C x N: inp's buffer, op N, ld C) @ dout (N x OC: dout's buffer, op T, ld OC).
+        # op(B) is dout (N x OC), k = N: the BGRADB epilogue's column sums over
+        # k are exactly dbias = sum_n dout[n, :], taken while the GEMM reads
+        # dout anyway. It writes them (float32, into scratch); the contract's
+        # acc then applies in bias_backward_final with one chunk.
+        fused_bgrad = False
+        if dbias is not None:
+            grad32 = scratch(OC, slot="bias_grad")
+            try:
+                lt.gemm("N", "T", C, OC, N, ptr(inp), C, ptr(dout), OC, ptr(dweight), C, dweight.dtype,
+                        beta=1.0 if acc else 0.0, epilogue="bgradb", bias=ptr(grad32), stream=stream())
+                fused_bgrad = True
+            except lt.NoAlgorithm:
+                pass                        # the plain product, then our column sum
+        if fused_bgrad:
+            _bias_grad_final(dbias, grad32, 1, OC, acc, bf)
+            return
         lt.gemm("N", "T", C, OC, N, ptr(inp), C, ptr(dout), OC, ptr(dweight), C, dweight.dtype,
                 beta=1.0 if acc else 0.0, stream=stream())
     if dbias is not None:
@@ -146,5 +164,10 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
         partial = scratch(nchunks * OC)
         kernel("matmul.cu", "bias_backward_partial", bf)(
             (blocks(OC), nchunks), (BLOCK,), (partial, dout, i32(N), i32(OC)))
-        kernel("matmul.cu", "bias_backward_final", bf)(
-            (blocks(OC),), (BLOCK,), (dbias, partial, i32(nchunks), i32(OC), i32(1 if acc else 0)))
+        _bias_grad_final(dbias, partial, nchunks, OC, acc, bf)
+
+
+def _bias_grad_final(dbias, partial, nchunks, OC, acc, bf):
+    # dbias (+)= the column sums of partial (nchunks, OC) float32, rounded once
+    kernel("matmul.cu", "bias_backward_final", bf)(
+        (blocks(OC, WARP),), (COLSUM_THREADS,), (dbias, partial, i32(nchunks), i32(OC), i32(1 if acc else 0)))

@@ -13,7 +13,7 @@ import math
 import cupy
 import numpy as np
 
-from .runtime import BLOCK, blocks, check_f32, check_floatx, f32, i32, i64, kernel, scratch, upload
+from .runtime import BLOCK, blocks, check_f32, check_floatx, f32, i32, i64, kernel, ptr, scratch, upload
 
 NORM_BLOCKS = 1024          # stage-1 blocks of sum_of_squares (fixed: deterministic)
 SUM_THREADS = 1024          # accumulate_sum: one block
@@ -98,9 +98,17 @@ def adamw_step_flat(param, grad, m, v, segments, lr, beta1, beta2, eps, weight_d
         adamw_hyper(lr, beta1, beta2, eps, weight_decay, step, grad_scale, max_norm if sumsq is not None else -1.0)
     if sumsq is None:
         sumsq = scratch(1, np.float64, slot="norm_out")           # not read (max_norm < 0)
-    kernel("adamw.cu", "adamw_update", bf)(
-        (blocks(n),), (BLOCK,),
-        (param, param_copy, grad, m, v, i64(n), seg_stop, seg_decay, i32(len(segments)),
+    # 128-bit loads (adamw.cu's x128 kernel) when n is whole packs of the
+    # gradient's type and every buffer is 16-byte aligned (a ZeRO slice
+    # need not be); else one element per thread. The same bits either way.
+    per_pack = 16 // grad.itemsize
+    if n % per_pack == 0 and all(ptr(a) % 16 == 0 for a in (param, param_copy, grad, m, v)):
+        name, count = "adamw_update_x128", n // per_pack
+    else:
+        name, count = "adamw_update", n
+    kernel("adamw.cu", name, bf)(
+        (blocks(count),), (BLOCK,),
+        (param, param_copy, grad, m, v, i64(count), seg_stop, seg_decay, i32(len(segments)),
          f32(1.0 - beta1), f32(1.0 - beta2), d_hyper, sumsq))
 
 

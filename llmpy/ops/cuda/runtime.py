@@ -44,6 +44,25 @@ def kernel(filename: str, name: str, bf16: bool = False) -> cupy.RawKernel:
     return k
 
 
+def packs128(*arrays) -> int | None:
+    """How many 16-byte packs each array holds, when a kernel may move them
+    with 128-bit loads (common.cuh's load128): every array starts on a
+    16-byte boundary and holds the same whole number of packs. None: use
+    the one-value-per-thread kernel (a view starting mid-pack, a size that
+    leaves a tail)."""
+    nbytes = arrays[0].nbytes
+    if nbytes % 16 or any(a.nbytes != nbytes or ptr(a) % 16 for a in arrays):
+        return None
+    return nbytes // 16
+
+
+def rows128(C: int, *arrays) -> bool:
+    """Whether a row kernel may read rows of C values with 128-bit loads:
+    C is whole 16-byte packs and every array starts on a 16-byte boundary
+    (so every row does too)."""
+    return (C * arrays[0].itemsize) % 16 == 0 and all(ptr(a) % 16 == 0 for a in arrays)
+
+
 def blocks(n: int, per_block: int = BLOCK) -> int:
     """Blocks of per_block threads (or rows) that cover n: ceil(n / per_block), at least 1."""
     return max(1, (n + per_block - 1) // per_block)

@@ -1,0 +1,126 @@
+"""Row chunks on a thread pool: the NumPy backend's non-matmul work on every core.
+
+NumPy's ufuncs run on one core, but they release the GIL while they loop
+over a large array. So an op whose rows are independent (layernorm, GELU,
+softmax, the classifier) can give each thread a block of rows and run the
+same NumPy code on it: the threads' ufunc loops overlap, and only the
+Python between them is serialized. (Measured on 2 cores: it pays for
+attention, GELU's backward and the (N, 50257) classifier; not for
+layernorm or GELU's forward at GPT-2's sizes, which stay on one thread.)
+Two rules make that pay:
+- blocks large enough that the Python per call (~1-2 us) is small beside
+  the loop it starts, and small enough to stay in cache while several
+  passes run over them (a 64K-float block is 256 KB: Zen 4's L2 is 1 MB);
+- no BLAS call inside a block, since OpenBLAS already uses every core;
+  except with blas_inside=True: then the BLAS runs on one thread per call
+  while the blocks run (each of our threads calls it for its own block).
+  That is what small batched matmuls want (attention's (T, T) products per
+  head): OpenBLAS splitting a 256 x 256 x 64 product over 2 threads costs
+  more in hand-off than it gains (measured: 48 of them, 93 ms with 2 BLAS
+  threads, 15 ms with 1, on this 2-core machine).
+
+The pool has as many threads as the BLAS uses (optim._num_threads, the same
+rule as AdamW's pool); with one thread, or little work, a call runs inline.
+Each row's arithmetic is the same whichever thread or block runs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ..optim import _num_threads
+
+MIN_PARALLEL = 1 << 15      # floats: below this an op runs on the caller's thread (the hand-off costs more)
+BLOCK = 1 << 16             # floats per block of rows: 256 KB, stays in L2 through the op's passes
+
+_pool = None
+_threads = None
+
+
+def threads() -> int:
+    global _threads
+    if _threads is None:
+        _threads = max(1, _num_threads())
+    return _threads
+
+
+_blas = None           # threadpoolctl's controller of the BLAS library, or False where there is none
+
+
+def _blas_controller():
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            _blas = libs[0] if len(libs) == 1 else False
+        except Exception:           # no threadpoolctl: the BLAS threads cannot be set
+            _blas = False
+    return _blas
+
+
+@contextlib.contextmanager
+def _single_threaded_blas(blas):
+    before = blas.num_threads
+    blas.set_num_threads(1)
+    try:
+        yield
+    finally:
+        blas.set_num_threads(before)
+
+
+def _get_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(threads(), thread_name_prefix="llmpy-rows")
+    return _pool
+
+
+def _forget_pool_after_fork():
+    # A forked child has the pool object but none of its threads (fork copies
+    # only the calling thread): work submitted to it would wait for ever. The
+    # child makes a pool of its own on first use.
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def blocks(n_rows: int, row_size: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """[(lo, hi), ...]: n_rows cut into contiguous blocks of about `block`
+    floats each (at least one row a block)."""
+    step = max(1, block // max(1, row_size))
+    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
+
+
+def for_row_blocks(fn, n_rows: int, row_size: int, block: int = BLOCK, blas_inside: bool = False):
+    """Call fn(lo, hi) for every block of rows, spread over the pool's
+    threads (thread i takes every threads()-th block, so all finish at
+    about the same time); inline when the work is small or there is one thread.
+    fn must only touch rows lo:hi of its arrays, and call no BLAS unless
+    blas_inside=True (then the BLAS runs single-threaded meanwhile, or, where
+    its threads cannot be set, the blocks run one after the other)."""
+    parts = blocks(n_rows, row_size, block)
+    nt = threads()
+    blas = _blas_controller() if blas_inside else None
+    if nt == 1 or len(parts) == 1 or n_rows * row_size < MIN_PARALLEL or blas is False:
+        for lo, hi in parts:
+            fn(lo, hi)
+        return
+    with contextlib.nullcontext() if blas is None else _single_threaded_blas(blas):
+        _run_on_pool(fn, parts, nt)
+
+
+def _run_on_pool(fn, parts, nt):
+
+    def work(i):
+        for lo, hi in parts[i::nt]:
+            fn(lo, hi)
+
+    pool = _get_pool()
+    futures = [pool.submit(work, i) for i in range(1, nt)]
+    work(0)                                          # the caller's thread takes a share too
+    for f in futures:
+        f.result()                                   # re-raises a worker's exception here
