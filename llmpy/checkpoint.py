@@ -74,20 +74,28 @@ def claim(out: Path, resume: bool, overwrite: bool, log) -> Path | None:
                          "(or choose another --out)")
     for p in remove_stale_temporaries(out):
         log(f"resume: removed {p}, left behind by an interrupted run")
-    found = list_checkpoints(out)
-    problems = []
-    for path in reversed(found):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            for bad, why in problems:
-                log(f"resume: skipping {bad}: {why}")
-            return path
-        problems.append((path.name, problem))
+    path, problems = newest_verified(out)
+    if path is not None:
+        for bad, why in problems:
+            log(f"resume: skipping {bad}: {why}")
+        return path
     if problems:
         raise LlmpyError(f"{out}: no checkpoint verifies ({'; '.join(f'{n}: {why}' for n, why in problems)}); "
                          "--overwrite starts over")
     log(f"resume: {out} has a log up to step {step} but no checkpoint; starting from step 0")
     return None
+
+
+def newest_verified(out) -> tuple[Path | None, list[tuple[str, str]]]:
+    """(the newest checkpoint in `out` whose manifest verifies, or None;
+    [(name, why)] of each newer one that does not, newest first)."""
+    problems = []
+    for path in reversed(list_checkpoints(out)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, problems
+        problems.append((path.name, problem))
+    return None, problems
 
 
 def run_step(out: Path) -> int | None:

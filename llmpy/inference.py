@@ -259,7 +259,7 @@ def resolve_model(spec, say) -> tuple[str, Path | None]:
     (checkpoint.verify_checkpoint, read-only); say(text) tells which, and
     which newer ones it skipped and why. A checkpoint directory, any model
     directory, an llm.c .bin or a hub name is passed on as it is."""
-    from .checkpoint import list_checkpoints, verify_checkpoint
+    from .checkpoint import list_checkpoints, newest_verified
     path = Path(spec)
     if not path.is_dir() or (path / "config.json").exists():
         is_ckpt = path.is_dir() and (path / "train_state.json").is_file()
@@ -269,14 +269,11 @@ def resolve_model(spec, say) -> tuple[str, Path | None]:
         raise LlmpyError(f"{path}: no config.json and no ckpt_* checkpoints in it; pass a run directory of "
                          "`llmpy train` (its --out), a checkpoint ckpt_NNNNNNNN, a Hugging Face model directory, "
                          "an llm.c .bin or a hub name such as gpt2")
-    problems = []
-    for ckpt in reversed(found):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            for name, why in problems:
-                say(f"skipping {path / name}: {why}")
-            say(f"using {ckpt} (the newest checkpoint that verifies)")
-            return str(ckpt), ckpt
-        problems.append((ckpt.name, problem))
+    ckpt, problems = newest_verified(path)
+    if ckpt is not None:
+        for name, why in problems:
+            say(f"skipping {path / name}: {why}")
+        say(f"using {ckpt} (the newest checkpoint that verifies)")
+        return str(ckpt), ckpt
     raise LlmpyError(f"{path}: no checkpoint verifies ({'; '.join(f'{n}: {why}' for n, why in problems)}); "
                      "name a model directory, or train again")
