@@ -295,8 +295,7 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     n = model.params.flat.size
     lo, hi = optimizer.shard or (0, n)
     m, v = (_read_optimizer_slice(path, state, n, lo, hi, k) for k in ("m", "v"))
-    model.params.flat[:] = model.xp.asarray(host.flat)
-    model.params_updated()
+    model.set_params(host.flat)
     optimizer.load_state_dict({"m": model.xp.asarray(m), "v": model.xp.asarray(v)})
     return state
 

@@ -82,8 +82,7 @@ def _read(path: Path, device: str, dtype: str):
     if path.is_file():
         cfg, flat = llmc.read_model(path)
         model = GPT(cfg, device=device, init=False, dtype=dtype)
-        model.params.flat[:] = model.xp.asarray(flat)
-        model.params_updated()
+        model.set_params(flat)
         return model
     cfg = hf.read_hf_config(path / "config.json")
     weights, sd = hf.read_weights(path)

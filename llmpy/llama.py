@@ -154,8 +154,7 @@ class Llama(CausalLM):
             host.views[name][:] = rng.standard_normal(host.views[name].shape, dtype=np.float32) * np.float32(s)
         for name in ("ln1w", "ln2w", "lnfw"):
             host.views[name][:] = 1.0
-        self.params.flat[:] = self.xp.asarray(host.flat)
-        self.params_updated()
+        self.set_params(host.flat)
 
     @property
     def num_parameters(self) -> int:

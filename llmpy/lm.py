@@ -106,6 +106,11 @@ class CausalLM:
         out["total"] = sum(out.values())
         return out
 
+    def set_params(self, host_flat):
+        """params = host_flat (a NumPy array of the flat layout), and the bf16 copy with it."""
+        self.params.flat[:] = self.xp.asarray(host_flat)
+        self.params_updated()
+
     def params_updated(self):
         """Call after writing self.params (loading, broadcasting, gathering):
         refreshes the bf16 copy the ops read. Nothing to do in fp32."""
@@ -218,6 +223,4 @@ class CausalLM:
 
     def load_state_dict(self, sd: dict, source: str = "state dict"):
         """Copy Hugging Face-named tensors in (see the family's from_hf)."""
-        host = self.from_hf(sd, self.config, source)
-        self.params.flat[:] = self.xp.asarray(host.flat)
-        self.params_updated()
+        self.set_params(self.from_hf(sd, self.config, source).flat)

@@ -117,8 +117,7 @@ class GPT(CausalLM):
             host.views[name][:] = normal(host.views[name].shape, res_std)
         for name in ("ln1w", "ln2w", "lnfw"):
             host.views[name][:] = 1.0
-        self.params.flat[:] = self.xp.asarray(host.flat)
-        self.params_updated()
+        self.set_params(host.flat)
 
     @property
     def num_parameters(self) -> int:
