@@ -2,12 +2,41 @@
 usable NVIDIA GPU or no CuPy; `pytest -m gpu` on a GPU machine runs them.
 
 CuPy is imported only if some collected test is marked `gpu`, so the CPU
-suite never loads it."""
+suite never loads it.
+
+A test that runs past LLMPY_TEST_LIMIT seconds (default 900) ends the whole
+run at once with every thread's stack: a hang (a deadlocked worker process,
+a wait without a timeout) then fails CI in minutes, saying where, instead of
+running into CI's own limit with nothing to show."""
 from __future__ import annotations
 
+import faulthandler
 import functools
+import os
+import sys
+import threading
 
 import pytest
+
+TEST_LIMIT_S = float(os.environ.get("LLMPY_TEST_LIMIT", "900"))
+
+
+@pytest.fixture(autouse=True)
+def _hang_watchdog(request):
+    def hung():
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)     # the real stderr, not the test's capture
+        print(f"\n{request.node.nodeid} ran past {TEST_LIMIT_S:.0f} s (LLMPY_TEST_LIMIT): "
+              "stopping the test run; the stacks of every thread follow", file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(3)
+    timer = threading.Timer(TEST_LIMIT_S, hung)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 @functools.lru_cache(maxsize=1)

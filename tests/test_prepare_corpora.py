@@ -8,7 +8,9 @@ documents, each preceded by <|endoftext|>, with the val shard first.
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -233,3 +235,16 @@ def test_interrupted_prepare_looks_unfinished_and_resumes(server, tmp_path, tok)
     assert _text(tok, _shards(r)) == "".join(EOT + t for texts in FINEWEB for t in texts)
     assert [m for m, p, _ in server.requests if p == FINEWEB_PATH.format(0)] == ["GET"]
     assert (tmp_path / "fineweb-edu_done.json").exists()
+
+
+def test_a_tokenizer_worker_that_dies_is_one_error_not_a_hang():
+    # A worker killed mid-run (the OOM killer, a crash) must end the prepare
+    # with a message; multiprocessing.Pool would wait for its result forever.
+    def batches():
+        yield "val", ["first batch"]
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGKILL)
+        for i in range(8):
+            yield "train", [f"batch {i}"]
+    with pytest.raises(LlmpyError, match=r"a tokenizer worker process died .*--workers 1"):
+        list(prep._encoded(batches(), 2))

@@ -40,6 +40,8 @@ import os
 import re
 import shutil
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -355,31 +357,38 @@ def _encode_docs(texts: list[str]) -> np.ndarray:
 def _encoded(batches, workers: int):
     """(split, tokens) for each batch, in input order, from `workers` processes.
 
-    Pool.imap would pull the whole input on a background thread, i.e. run
-    ahead through the corpus and its downloads; here at most 2 tasks per
-    worker are in flight, so reading (and downloading) keeps pace with
-    tokenizing, and stopping early stops everything. Results come back in
-    submission order, so the shards do not depend on the number of workers.
+    At most 2 tasks per worker are in flight, so reading (and downloading)
+    keeps pace with tokenizing, and stopping early stops everything. Results
+    come back in submission order, so the shards do not depend on the number
+    of workers. A worker that dies (killed, out of memory) raises
+    BrokenProcessPool here instead of leaving the wait without an end, as
+    multiprocessing.Pool would.
+
+    Workers start from forkserver, never by a fork of this process: a lock that
+    another thread holds at the moment of a fork (tqdm's monitor, an HTTP
+    server beside a caller, the allocator's) stays held forever in the child.
+    It costs under 0.1 s per run.
     """
     if workers == 1:                   # no processes to start: same results, less overhead
         for split, texts in batches:
             yield split, _encode_docs(texts)
         return
-    context = multiprocessing.get_context()
-    if context.get_start_method() == "fork":
-        # Build the tokenizer once here: forked workers inherit it instead of
-        # each spending ~1 s building their own.
-        _encode_docs([])
-    with context.Pool(workers) as pool:          # leaving the block terminates the workers
-        pending = collections.deque()
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pending = collections.deque()
+    try:
         for split, texts in batches:
-            pending.append((split, pool.apply_async(_encode_docs, (texts,))))
+            pending.append((split, pool.submit(_encode_docs, texts)))
             if len(pending) >= 2 * workers:
-                s, r = pending.popleft()
-                yield s, r.get()
+                s, f = pending.popleft()
+                yield s, f.result()
         while pending:
-            s, r = pending.popleft()
-            yield s, r.get()
+            s, f = pending.popleft()
+            yield s, f.result()
+    except BrokenProcessPool as e:
+        raise LlmpyError(f"a tokenizer worker process died ({e}); run again with --workers 1 "
+                         f"to see its error") from None
+    finally:                           # also on an early stop: drop what is queued, wait for the rest
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _tokenize(docs, writer, workers: int, progress: bool, name: str) -> None:
