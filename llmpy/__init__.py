@@ -5,10 +5,23 @@
     logits, loss = model.forward(ids, targets)
     model.backward()
 """
-from . import families
-from .config import GPTConfig, preset
-from .errors import LlmpyError
-from .model import GPT
+import os
+import sys
+
+if "numpy" not in sys.modules:
+    # OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call
+    # before they sleep, and on a machine with as many threads as cores they
+    # then take cores from the NumPy ops that llmpy runs on its own thread
+    # pool between the matmuls (the classifier, AdamW, attention): measured
+    # on 2 cores, 2^12 cycles makes a d4 step 12% faster and changes no
+    # result (bench/RESULTS.md). Read once when NumPy loads OpenBLAS, so only
+    # if llmpy is imported first (the CLI); a value the user set is kept.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+
+from . import families  # noqa: E402
+from .config import GPTConfig, preset  # noqa: E402
+from .errors import LlmpyError  # noqa: E402
+from .model import GPT  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "LlmpyError", "Tokenizer", "load", "preset"]

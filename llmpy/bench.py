@@ -251,7 +251,7 @@ def bench_torch(cfg, B, T, steps, threads, device="cpu", dtype="fp32", compile=F
 def _llmpy_supports(dtype, device):
     """Raise LlmpyError now, before minutes of measuring, if llmpy cannot run `dtype` on `device`."""
     from .ops import get_backend
-    get_backend(device).storage_dtype(dtype)    # the backend's own one-line refusal, if any
+    get_backend(device, dtype).storage_dtype(dtype)    # the backend's own one-line refusal, if any
 
 
 def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp32", only=None,
@@ -385,8 +385,9 @@ def parse_shapes(spec: str) -> tuple:
 
 def bench_child(side: str, model: str, B: int, T: int, steps: int) -> dict:
     """One side of the suite in a process of its own, so that its peak RSS is
-    its own: `llmpy bench --json` for side "llmpy", "torch" (eager fp32) or
-    "torch_bf16" (eager under bf16 autocast). Returns the child's result dict
+    its own: `llmpy bench --json` for side "llmpy", "llmpy_bf16" (--dtype
+    bf16: MKL's bf16 matmuls), "torch" (eager fp32) or "torch_bf16" (eager
+    under bf16 autocast). Returns the child's result dict
     with peak_rss_mib added (the child's ru_maxrss, from os.wait4)."""
     import json
     import os
@@ -395,8 +396,9 @@ def bench_child(side: str, model: str, B: int, T: int, steps: int) -> dict:
     import tempfile
     cmd = [sys.executable, "-m", "llmpy", "bench", "--device", "cpu", "--model", model,
            "-B", str(B), "-T", str(T), "--steps", str(steps), "--json"]
-    if side != "llmpy":
-        cmd += ["--only", "torch", "--dtype", "bf16" if side == "torch_bf16" else "fp32"]
+    if side.startswith("torch"):
+        cmd += ["--only", "torch"]
+    cmd += ["--dtype", "bf16" if side.endswith("bf16") else "fp32"]
     with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
         proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
         # wait4, not proc.wait(): it also returns the child's own resource usage
@@ -412,9 +414,11 @@ def bench_child(side: str, model: str, B: int, T: int, steps: int) -> dict:
     return res
 
 
-def suite(shapes=SUITE, runs: int = 1, steps: int = 7, bf16: bool = False, echo=None) -> list[dict]:
+def suite(shapes=SUITE, runs: int = 1, steps: int = 7, bf16: bool = False, llmpy_bf16: bool = False,
+          echo=None) -> list[dict]:
     """Every shape, `runs` times: llmpy and PyTorch eager fp32 (and, with
-    bf16, PyTorch under bf16 autocast) each in its own child process, one
+    bf16, PyTorch under bf16 autocast; with llmpy_bf16 too, llmpy's
+    --dtype bf16 beside it, bf16_ratio = llmpy bf16 / PyTorch bf16) each in its own child process, one
     after the other, the order alternating from run to run (a machine whose
     speed drifts then favours neither side). One row per (run, shape):
     both step times, ratio = llmpy / PyTorch, floor share (the matmul floor
@@ -423,7 +427,8 @@ def suite(shapes=SUITE, runs: int = 1, steps: int = 7, bf16: bool = False, echo=
     rows = []
     for run in range(1, runs + 1):
         for model, B, T in shapes:
-            sides = ["llmpy", "torch"] + (["torch_bf16"] if bf16 else [])
+            sides = ["llmpy", "torch"] + (["llmpy_bf16"] if bf16 and llmpy_bf16 else []) + \
+                (["torch_bf16"] if bf16 else [])
             if run % 2 == 0:
                 sides.reverse()
             got = {side: bench_child(side, model, B, T, steps) for side in sides}
@@ -436,6 +441,11 @@ def suite(shapes=SUITE, runs: int = 1, steps: int = 7, bf16: bool = False, echo=
                    "peak_rss_mib": me["peak_rss_mib"], "torch_peak_rss_mib": ref["peak_rss_mib"]}
             if bf16:
                 row["torch_bf16_ms_per_step"] = got["torch_bf16"]["torch_ms_per_step"]
+                row["torch_bf16_peak_rss_mib"] = got["torch_bf16"]["peak_rss_mib"]
+            if "llmpy_bf16" in got:
+                row["llmpy_bf16_ms_per_step"] = got["llmpy_bf16"]["ms_per_step"]
+                row["llmpy_bf16_peak_rss_mib"] = got["llmpy_bf16"]["peak_rss_mib"]
+                row["bf16_ratio"] = round(row["llmpy_bf16_ms_per_step"] / row["torch_bf16_ms_per_step"], 3)
             rows.append(row)
             if echo is not None:
                 echo(row)
@@ -448,12 +458,16 @@ SUITE_HEADER = ("run", "shape", "sgemm GFLOP/s", "llmpy ms", "PyTorch ms", "rati
 
 def suite_line(row: dict) -> str:
     """One suite row as a Markdown table row (SUITE_HEADER's columns, then
-    PyTorch bf16 autocast ms where measured)."""
+    PyTorch bf16 autocast ms where measured, then llmpy bf16's ms, bf16 ratio
+    and both bf16 RSS where measured)."""
     cells = [row["run"], f"{row['model']} B={row['B']} T={row['T']}", row["sgemm_gflops"],
              row["ms_per_step"], row["torch_ms_per_step"], f"{row['ratio']:.3f}", f"{row['floor_share']:.1%}",
              row["peak_rss_mib"], row["torch_peak_rss_mib"]]
     if "torch_bf16_ms_per_step" in row:
         cells.append(row["torch_bf16_ms_per_step"])
+    if "llmpy_bf16_ms_per_step" in row:
+        cells += [row["llmpy_bf16_ms_per_step"], f"{row['bf16_ratio']:.3f}", row["llmpy_bf16_peak_rss_mib"],
+                  row["torch_bf16_peak_rss_mib"]]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -468,7 +482,8 @@ def suite_main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=7, help="timed steps per side (at least 5)")
     p.add_argument("--shapes", default=",".join(f"{m}:{b}:{t}" for m, b, t in SUITE),
                    help="MODEL:B:T,... (default: the issue-14 table)")
-    p.add_argument("--bf16", action="store_true", help="also time PyTorch under bf16 autocast")
+    p.add_argument("--bf16", action="store_true", help="also time PyTorch under bf16 autocast, and llmpy "
+                   "--dtype bf16 where Intel MKL is installed (llmpy[cpu-bf16])")
     p.add_argument("--quick", action="store_true", help="the smallest shape (d2 B=4 T=64) once, 5 steps: a smoke test")
     p.add_argument("--json", action="store_true", help="one JSON line per row instead of a table")
     args = p.parse_args(argv)
@@ -476,10 +491,19 @@ def suite_main(argv=None) -> int:
         shapes = parse_shapes(args.shapes)
         if args.quick:
             shapes, args.runs, args.steps = (SUITE[-1],), 1, 5
+        llmpy_bf16 = False
+        if args.bf16:
+            from .ops import mkl
+            try:
+                mkl.library()
+                llmpy_bf16 = True
+            except LlmpyError as e:
+                print(f"# llmpy --dtype bf16 not timed: {e}", flush=True)
         if not args.json:
-            header = list(SUITE_HEADER) + (["PyTorch bf16 ms"] if args.bf16 else [])
+            header = list(SUITE_HEADER) + (["PyTorch bf16 ms"] if args.bf16 else []) + \
+                (["llmpy bf16 ms", "bf16 ratio", "llmpy bf16 RSS MiB", "PyTorch bf16 RSS MiB"] if llmpy_bf16 else [])
             print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
-        suite(shapes, args.runs, args.steps, args.bf16,
+        suite(shapes, args.runs, args.steps, args.bf16, llmpy_bf16,
               echo=lambda row: print(json.dumps(row) if args.json else suite_line(row), flush=True))
     except LlmpyError as e:
         print(f"llmpy bench --suite: error: {e}", file=sys.stderr)

@@ -200,6 +200,8 @@ class MPIComm(Communicator):
 
     def all_gather(self, buf):
         counts, displs = self._slices(buf.size)
+        if buf.dtype.char not in self.MPI._typedict:     # bfloat16 (CPU bf16 runs): MPI moves the bits
+            buf = buf.view(f"u{buf.dtype.itemsize}")
         mpi_type = self.MPI._typedict[buf.dtype.char]
         with self.watchdog("all-gather"):
             # IN_PLACE: each rank's contribution is already at its place in buf

@@ -131,7 +131,7 @@ class Llama(CausalLM):
 
     def __init__(self, config: LlamaConfig, device: str = "cpu", seed: int = 0, init: bool = True,
                  dtype: str = "fp32"):
-        missing = [n for n in contract.LLAMA_OPS if not hasattr(get_backend(device), n)]
+        missing = [n for n in contract.LLAMA_OPS if not hasattr(get_backend(device, dtype), n)]
         if missing:
             raise LlmpyError(f"the Llama family needs --device cpu for now: the {device} backend lacks "
                              f"{', '.join(missing)} (issue 15)")

@@ -55,16 +55,17 @@ class CausalLM:
     def __init__(self, config, device: str = "cpu", seed: int = 0, init: bool = True, dtype: str = "fp32"):
         self.config = config
         self.device = device
-        self.ops = get_backend(device)
+        self.ops = get_backend(device, dtype)
         self.xp = self.ops.xp
         self.dtype = dtype
-        self.storage = self.ops.storage_dtype(dtype)   # np.float32, or bfloat16 for "bf16"
+        self.storage = self.ops.storage_dtype(dtype)   # activations, gradients: float32, or bf16 on a GPU
+        compute = self.ops.params_dtype(dtype)         # the weights the ops read (bf16 on the CPU too)
         shapes = self.parameter_shapes(config)
         self.params = FlatTensors(shapes, self.xp)      # float32: the master weights
-        if self.storage == np.float32:
+        if compute == np.float32:
             self.compute_params = self.params            # what the ops read: the same buffer
         else:
-            self.compute_params = FlatTensors(shapes, self.xp, dtype=self.storage)
+            self.compute_params = FlatTensors(shapes, self.xp, dtype=compute)
         self.grads = None          # allocated by the first backward()
         self._grads_fresh = True   # True: the next backward overwrites instead of adding
         self.acts = None           # activations of the last forward()

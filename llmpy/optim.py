@@ -98,12 +98,18 @@ class AdamW:
         if sumsq is not None:
             raise LlmpyError("AdamW.step(sumsq=...) is for the GPU backend")
 
+        # bf16 on the CPU: each updated chunk is rounded into the bf16 copy the
+        # ops read while it is still in cache
+        copy = None if self.model.compute_params is self.model.params else self.model.compute_params.flat
+
         def work(i):
             scratch = self._scratch[i]
             for s, e, decay in self.chunks[i::self.threads]:
                 ops.adamw_update(p[s:e], g[s:e], self.m[s - o:e - o], self.v[s - o:e - o], lr, self.beta1, self.beta2,
                                  self.eps, self.weight_decay if decay else 0.0, t, scratch,
                                  grad_scale)
+                if copy is not None:
+                    ops.cast(copy[s:e], p[s:e])
 
         if self._pool is None:
             work(0)
@@ -126,9 +132,10 @@ class AdamW:
 def _num_threads():
     try:
         from threadpoolctl import threadpool_info
-        for info in threadpool_info():
-            if info.get("user_api") == "blas":
-                return int(info["num_threads"])
+        # NumPy's BLAS; MKL, where --dtype bf16 on the CPU loaded it, runs sequential
+        blas = [i for i in threadpool_info() if i.get("user_api") == "blas" and i.get("internal_api") != "mkl"]
+        if blas:
+            return int(blas[0]["num_threads"])
     except Exception:
         pass
     import os

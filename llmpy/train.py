@@ -32,6 +32,7 @@ from . import dist, evals, families
 from .bench import flops_per_token
 from .config import TrainConfig
 from .errors import Interrupted, LlmpyError
+from .ops import get_backend
 from .optim import AdamW, lr_at
 from .runlog import RunLog
 from .step import DeviceStep, HostStep
@@ -46,6 +47,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     from .data.shards import DataLoader
     from .data.tokenizer import Tokenizer
     tc.check()
+    get_backend(tc.device, tc.dtype)    # one line now if it cannot run here, before --out is touched
     if given is None:
         given = {k for k, v in tc.to_dict().items() if v != getattr(TrainConfig(), k)}
     comm = dist.make_communicator(tc.dist, tc.device, tc.dist_timeout)

@@ -134,10 +134,10 @@ def stochastic_rounding_is_unbiased(cuda, xp):
     assert not np.array_equal(copies[0], copies[1])
 
 
-def loss_tracks_fp32(xp, steps):
+def loss_tracks_fp32(xp, steps, device="cuda"):
     """The same data for `steps` steps in fp32 and in bf16 mixed precision,
-    both on the CUDA backend: the model learns, and every step's bf16 loss is
-    within 1% of the fp32 one."""
+    both on `device` (the CUDA backend, or the CPU's bf16 matmuls): the model
+    learns, and every step's bf16 loss is within 1% of the fp32 one."""
     from llmpy.model import GPT
     from llmpy.optim import AdamW, clip_scale, global_norm
     cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -153,7 +153,7 @@ def loss_tracks_fp32(xp, steps):
     batches = [(xp.asarray(b[:, :-1]), xp.asarray(b[:, 1:])) for b in seq]
     losses = {}
     for dtype in ("fp32", "bf16"):
-        model = GPT(cfg, device="cuda", seed=0, dtype=dtype)
+        model = GPT(cfg, device=device, seed=0, dtype=dtype)
         opt = AdamW(model, weight_decay=0.1)
         losses[dtype] = []
         for t, (x, y) in enumerate(batches, start=1):

@@ -76,11 +76,15 @@ def test_bench_only_torch_bf16_cpu(capsys):
     assert "ms_per_step" not in res and "ratio" not in res     # llmpy was not run
 
 
-def test_bench_bf16_llmpy_is_a_one_line_error(capsys):
+def test_bench_bf16_without_mkl_is_a_one_line_error(capsys, monkeypatch):
+    # CPU bf16 is MKL's bf16 GEMM (tests/test_cpu_bf16.py); without the library, one line
+    from llmpy.ops import mkl
+    monkeypatch.setattr(mkl, "_lib", None)
+    monkeypatch.setattr(mkl, "_candidates", lambda: iter(["libmkl_rt_not_here.so.3"]))
     rc, out, err = _bench_json(capsys, "--dtype", "bf16")
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("llmpy bench: error: --dtype bf16")   # llmpy computes bf16 on CUDA only
+    assert err.startswith("llmpy bench: error: --device cpu --dtype bf16 needs Intel MKL")
 
 
 @pytest.mark.slow

@@ -144,7 +144,7 @@ def test_resume_keeps_saved_flags_not_given_and_names_the_changed_ones():
 @pytest.mark.parametrize("change, message", [
     ({"lr_schedule": "step"}, "--lr-schedule 'step'"),
     ({"zero_stage": 2}, "--zero-stage 2"),
-    ({"dtype": "bf16"}, "--dtype bf16 needs --device cuda"),
+    ({"tf32": True}, "--tf32 is for fp32 matmuls on a GPU"),
     ({"batch_size": 0}, "--batch-size must be positive"),
     ({"lr": float("nan")}, "--lr must be positive"),
     ({"seed": -1}, "--seed must be >= 0"),

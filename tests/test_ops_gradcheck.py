@@ -297,6 +297,24 @@ def test_crossentropy_backward_matches_finite_differences(rng, ce_inputs):
     np.testing.assert_allclose(dlogits.sum(axis=1), 0.0, atol=1e-15)
 
 
+def test_crossentropy_forward_backward_in_one_pass_matches_finite_differences(rng, ce_inputs):
+    """The fused op (one pass: the loss's exponentials reused for the
+    gradient) on padded logits: losses as the float64 log-softmax, dlogits as
+    finite differences of the mean loss, padded columns zero."""
+    logits, targets = ce_inputs
+    N, V = logits.shape
+    padded = np.concatenate([logits, rng.standard_normal((N, 3))], axis=1)     # 3 columns to ignore
+    losses, lse = np.empty(N), np.empty(N)
+    ops.crossentropy_forward_backward(losses, lse, padded, targets, 1.0 / N, V=V)
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(losses, -logp[np.arange(N), targets], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(lse, np.log(np.exp(logits).sum(axis=1)), rtol=1e-13)
+    assert np.all(padded[:, V:] == 0)
+    loss = lambda: float(run_crossentropy(logits, targets)[0].mean())  # noqa: E731
+    check_grad("dlogits", loss, logits, np.ascontiguousarray(padded[:, :V]), rng)
+
+
 def test_crossentropy_is_stable_for_large_logits(rng):
     """Logits of magnitude 1e3 (exp overflows without the max shift) give finite,
     correct losses in float32."""

@@ -135,6 +135,8 @@ ATTRIBUTES = {
 HELPERS: dict[str, Op] = {
     "storage_dtype": Op("(dtype)", "the array dtype for a model of precision 'fp32' or 'bf16' (or a refusal)",
                         kernel=False),
+    "params_dtype": Op("(dtype)", "the dtype of the weights the ops read (model.compute_params): the storage "
+                       "dtype, except on the CPU in bf16 (bf16 weights, fp32 activations)", kernel=False),
     "cast": Op("(dst, src)", "dst = src (float32) rounded to dst's storage type, to nearest even", kernel=False),
     "zero": Op("(x)", "x[...] = 0", kernel=False),
     "to_host": Op("(x)", "x as a NumPy array", kernel=False),

@@ -33,8 +33,14 @@ def storage_dtype(dtype: str):
     """The array dtype for a model of precision `dtype`: only float32 here."""
     if dtype != "fp32":
         from ..errors import LlmpyError
-        raise LlmpyError(f"--dtype {dtype} needs --device cuda; the NumPy backend computes in fp32")
+        raise LlmpyError(f"--dtype {dtype!r}: the NumPy fp32 backend computes in fp32 "
+                         "(bf16 on the CPU is ops.cpu_bf16: get_backend('cpu', 'bf16'))")
     return np.float32
+
+
+def params_dtype(dtype: str):
+    """The weights the ops read: the same dtype as everything else."""
+    return storage_dtype(dtype)
 
 
 def cast(dst, src):
@@ -302,21 +308,44 @@ def crossentropy_forward(losses, lse, logits, targets, V=None):
     logits = logits[:, :V]
 
     def logsumexp(lo, hi):
+        buf = np.empty((_ROWS, logits.shape[1]), logits.dtype)    # reused: no 1.6 MB allocation per chunk
         for i in range(lo, hi, _ROWS):
             rows = logits[i:min(i + _ROWS, hi)]
+            e = buf[:len(rows)]
             m = rows.max(axis=1)
-            s = np.exp(rows - m[:, None]).sum(axis=1)
-            lse[i:i + len(rows)] = m + np.log(s)
+            np.subtract(rows, m[:, None], out=e)
+            np.exp(e, out=e)
+            lse[i:i + len(rows)] = m + np.log(e.sum(axis=1))
 
     _for_row_blocks(logsumexp, N, logits.shape[1], block=_ROWS * logits.shape[1])
     losses[:] = lse - logits[np.arange(N), targets]
 
 
 def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
-    # Both in one call (one pass over the logits on the GPU): for a training
-    # step that goes straight from the loss to the backward pass.
-    crossentropy_forward(losses, lse, logits, targets, V)
-    crossentropy_backward(logits, lse, targets, dloss, V)
+    # Both in one pass over the logits, for a training step that goes straight
+    # from the loss to the backward pass. Per 8-row chunk, in cache: with
+    # m = max(x) and s = sum exp(x - m), lse = m + log s and
+    #   dlogits = (softmax - onehot) dloss = exp(x - m) (dloss / s) - onehot dloss,
+    # so the exponentials computed for the loss are the gradient's too.
+    N = logits.shape[0]
+    logits[:, V if V is not None else logits.shape[1]:] = 0
+    logits = logits[:, :V]
+
+    def loss_and_dlogits(lo, hi):
+        for i in range(lo, hi, _ROWS):
+            j = min(i + _ROWS, hi)
+            rows, at = logits[i:j], (np.arange(j - i), targets[i:j])
+            picked = rows[at]                        # a copy: logit of each target, before rows change
+            m = rows.max(axis=1)
+            rows -= m[:, None]
+            np.exp(rows, out=rows)
+            s = rows.sum(axis=1)
+            lse[i:j] = m + np.log(s)
+            losses[i:j] = lse[i:j] - picked
+            rows *= (dloss / s)[:, None].astype(rows.dtype)
+            rows[at] -= dloss
+
+    _for_row_blocks(loss_and_dlogits, N, logits.shape[1], block=_ROWS * logits.shape[1])
 
 
 def crossentropy_backward(logits, lse, targets, dloss, V=None):

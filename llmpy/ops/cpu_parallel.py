@@ -53,7 +53,8 @@ def _blas_controller():
     if _blas is None:
         try:
             from threadpoolctl import ThreadpoolController
-            libs = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            libs = [c for c in ThreadpoolController().lib_controllers
+                    if c.user_api == "blas" and c.internal_api != "mkl"]    # NumPy's, not the bf16 path's MKL
             _blas = libs[0] if len(libs) == 1 else False
         except Exception:           # no threadpoolctl: the BLAS threads cannot be set
             _blas = False

@@ -53,7 +53,7 @@ from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm
 from .matmul import matmul_backward, matmul_forward, matmul_library  # noqa: F401
 from .optimizer import (accumulate_sum, adamw_hyper, adamw_step_flat, cast, sum_of_squares,  # noqa: F401
                         sum_of_squares_into)
-from .runtime import storage_dtype, synchronize, to_host, upload, zero  # noqa: F401
+from .runtime import params_dtype, storage_dtype, synchronize, to_host, upload, zero  # noqa: F401
 from ..cuda_build import LN_ROWS_PER_CHUNK
 
 name = "cuda"

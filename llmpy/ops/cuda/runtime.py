@@ -88,6 +88,11 @@ def storage_dtype(dtype: str):
     raise LlmpyError(f"--dtype {dtype!r}: use fp32 or bf16")
 
 
+def params_dtype(dtype: str):
+    """The weights the ops read (model.compute_params): the storage dtype."""
+    return storage_dtype(dtype)
+
+
 def _dense(a, dtypes):
     if not isinstance(a, cupy.ndarray):
         raise TypeError(f"expected a cupy.ndarray, got {type(a).__name__}")
