@@ -60,6 +60,7 @@ class AdamW:
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and xp is np else None
         self._scratch = [np.empty((2, CHUNK), dtype=np.float32) for _ in range(self.threads)]
+        self.compiled = True     # the CPU update through numba where it is installed; False: the NumPy reference
 
     def step(self, lr: float, t: int, grad_scale: float = 1.0, sumsq=None, max_norm: float = -1.0,
              upload: bool = True):
@@ -101,13 +102,18 @@ class AdamW:
         # bf16 on the CPU: each updated chunk is rounded into the bf16 copy the
         # ops read while it is still in cache
         copy = None if self.model.compute_params is self.model.params else self.model.compute_params.flat
+        from .ops import cpu_kernels     # (numba's import takes ~0.3 s: only when a CPU step runs)
+        compiled = cpu_kernels.available and self.compiled
 
         def work(i):
             scratch = self._scratch[i]
             for s, e, decay in self.chunks[i::self.threads]:
-                ops.adamw_update(p[s:e], g[s:e], self.m[s - o:e - o], self.v[s - o:e - o], lr, self.beta1, self.beta2,
-                                 self.eps, self.weight_decay if decay else 0.0, t, scratch,
-                                 grad_scale)
+                args = (p[s:e], g[s:e], self.m[s - o:e - o], self.v[s - o:e - o], lr, self.beta1, self.beta2,
+                        self.eps, self.weight_decay if decay else 0.0, t, scratch, grad_scale)
+                if compiled:        # the same arithmetic in one pass (ops/cpu_kernels.py)
+                    cpu_kernels.adamw_update(*args, copy=None if copy is None else copy[s:e])
+                    continue
+                ops.adamw_update(*args)
                 if copy is not None:
                     ops.cast(copy[s:e], p[s:e])
 
