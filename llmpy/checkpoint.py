@@ -30,7 +30,7 @@ from .errors import LlmpyError
 from .fileio import (atomic_write_json, atomic_write_safetensors, fsync_dir, make_temp_dir, read_json_object,
                      sha256_file, slow_write_hook)
 from .formats import save_model
-from .formats.hf import check_float_tensors, from_hf, read_safetensors
+from .formats.hf import check_float_tensors, read_safetensors
 
 CKPT_PREFIX = "ckpt_"
 
@@ -290,7 +290,7 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     path = Path(path)
     sd = read_safetensors(path / "model.safetensors")
     check_float_tensors(sd, path / "model.safetensors")
-    host = from_hf(sd, model.config, source=str(path / "model.safetensors"))
+    host = model.from_hf(sd, model.config, source=str(path / "model.safetensors"))   # the model's family
     state = read_train_state(path / "train_state.json")
     n = model.params.flat.size
     lo, hi = optimizer.shard or (0, n)

@@ -235,7 +235,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     start = max(0, len(ctx) - block)                # a long prompt: its last block_size tokens
     # the longest window we will ever look at: the cache's (and the buffer's) length
     max_T = min(block, len(ctx) + max_new_tokens - 1)
-    last_logits = (_Cached if use_cache else _FullRecompute)(model, max_T)
+    # (Llama has no KV-cache forward yet, issue 15: it recomputes the window per token)
+    cached = use_cache and model.has_kv_cache
+    last_logits = (_Cached if cached else _FullRecompute)(model, max_T)
     for _ in range(max_new_tokens):
         if len(ctx) - start > block:                # the window is full: keep its last half
             start = len(ctx) - keep

@@ -90,6 +90,7 @@ class GPT(CausalLM):
     the buffers and the bookkeeping around forward and backward are lm.CausalLM's."""
 
     Activations = Activations
+    has_kv_cache = True    # inference.forward_cached runs this model's blocks over new tokens
     decayed = DECAYED      # the tensors AdamW applies weight decay to (the 2-D weight matrices)
     parameter_shapes = staticmethod(parameter_shapes)
     to_hf = staticmethod(to_hf)
