@@ -3,12 +3,14 @@
 A shard is llm.c's format (formats/llmc.py reads and writes its header), so
 shards made by llm.c's scripts work here and ours work in llm.c:
 
-    header: 256 x int32, little-endian: [20240520 (magic), 1 (version), ntok, 0, ...]
-    body:   ntok x uint16, little-endian: the token ids
+    header: 256 x int32, little-endian: [magic, version, ntok, 0, ...]
+    body:   ntok token ids, little-endian:
+            uint16 under [20240520, 1] (GPT-2), uint32 under [20240801, 7] (Llama 3)
 
 uint16 holds ids up to 65535, enough for GPT-2's 50257 and half the size of
-int32. The body is read through np.memmap: the OS pages in only the windows
-that a batch touches, so a dataset far larger than RAM costs almost no memory.
+uint32, which Llama 3's 128256 ids need. The body is read through np.memmap:
+the OS pages in only the windows that a batch touches, so a dataset far
+larger than RAM costs almost no memory.
 """
 from __future__ import annotations
 
@@ -20,15 +22,21 @@ import numpy as np
 
 from ..errors import LlmpyError
 from ..fileio import atomic_file
-from ..formats.llmc import HEADER_BYTES, read_shard_header, shard_header
+from ..formats.llmc import HEADER_BYTES, SHARD_KINDS, read_shard_header, shard_header
 
 _REBUILD = "rebuild it, e.g. re-run `llmpy prepare pydoc`"
 
 
 # --------------------------------------------------------------------------- files
 
-def write_shard(path, tokens) -> None:
-    """Write `tokens` (ints in [0, 65536)) to `path` as a shard, atomically.
+def write_shard(path, tokens, dtype=np.uint16) -> None:
+    """Write `tokens` to `path` as a shard of `dtype`, atomically.
+
+    dtype=np.uint16 (the default) is llm.c's GPT-2 shard, ids in [0, 65536).
+    dtype=np.uint32 is its Llama 3 shard (magic 20240801, version 7), ids in
+    [0, 2**32): use it when asked for (llm.c's Llama 3 training reads only
+    that kind) or when an id is >= 65536, which uint16 refuses rather than
+    truncating.
 
     The bytes go to a temporary file in the same directory, are fsynced, and
     only then renamed over `path`: a crash leaves either the old file or the
@@ -38,18 +46,29 @@ def write_shard(path, tokens) -> None:
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise LlmpyError(f"write_shard {path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise LlmpyError(f"write_shard {path}: token ids must lie in [0, 65536) to fit uint16, "
-                         f"got range [{tokens.min()}, {tokens.max()}]")
-    body = tokens.astype("<u2")
+    try:
+        kind = np.dtype(dtype).newbyteorder("<")
+    except TypeError:
+        kind = None
+    if kind not in SHARD_KINDS:
+        raise LlmpyError(f"write_shard {path}: dtype must be np.uint16 (GPT-2 shard) or "
+                         f"np.uint32 (Llama 3 shard), got {dtype!r}")
+    dtype = kind
+    limit = 1 << (8 * dtype.itemsize)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= limit):
+        wider = ", or pass dtype=np.uint32" if dtype.itemsize == 2 else ""
+        raise LlmpyError(f"write_shard {path}: token ids must lie in [0, {limit}) to fit "
+                         f"{dtype.name}{wider}; got range [{tokens.min()}, {tokens.max()}]")
+    body = tokens.astype(dtype)
 
     with atomic_file(path) as f:
-        f.write(shard_header(tokens.size))
+        f.write(shard_header(tokens.size, dtype))
         f.write(body.tobytes())
 
 
 def read_shard(path) -> np.ndarray:
-    """The tokens of a shard, shape (ntok,) uint16, as a read-only memmap.
+    """The tokens of a shard, shape (ntok,), as a read-only memmap: uint16
+    or uint32, whichever its header says (see the module doc).
 
     Everything about the file is checked before it is trusted: a truncated
     download or a file of another format fails here with one line naming the
@@ -58,10 +77,12 @@ def read_shard(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise LlmpyError(f"token shard {path} does not exist; {_REBUILD}")
-    ntok = read_shard_header(path, _REBUILD)
+    ntok, dtype = read_shard_header(path, _REBUILD)
     if ntok == 0:    # np.memmap refuses to map zero bytes
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+        empty = np.zeros(0, dtype=dtype)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
 # --------------------------------------------------------------------- the loader
@@ -90,6 +111,9 @@ class DataLoader:
     The whole state is (epoch, position): `state_dict()` saved with a
     checkpoint and `load_state_dict()` make a resumed run read exactly the
     batches the uninterrupted run would have read.
+
+    Shards may be uint16 (GPT-2) or uint32 (Llama 3), but all of one loader
+    must be the same kind: a mix means two tokenizers' ids in one dataset.
     """
 
     def __init__(self, pattern, B: int, T: int, rank: int = 0, world_size: int = 1,
@@ -105,6 +129,7 @@ class DataLoader:
 
         self.files = _expand(pattern)
         self.shards = [read_shard(f) for f in self.files]
+        self.dtype = _one_dtype(self.files, self.shards, pattern)
         self.num_tokens = sum(len(s) for s in self.shards)
         # windows per shard, shape (n_shards,)
         self.shard_windows = np.array([max(len(s) - 1, 0) // self.T for s in self.shards],
@@ -183,6 +208,10 @@ class DataLoader:
             shard, window = self._locate(first + b)
             start = window * self.T
             w[b] = self.shards[shard][start:start + self.T + 1]
+            # a uint32 id >= 2**31 wraps to a negative int32 in the copy above
+            if self.dtype.itemsize == 4 and w[b].min() < 0:
+                raise LlmpyError(f"token shard {self.files[shard]} holds an id >= 2**31, beyond any "
+                                 f"vocabulary (corrupt?); {_REBUILD}")
         self.position += self.global_batch
         # contiguous copies: callers hand these straight to kernels / the GPU
         return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
@@ -208,6 +237,18 @@ def _expand(pattern) -> list[str]:
     if not files:
         raise LlmpyError("DataLoader was given an empty list of token shards")
     return files
+
+
+def _one_dtype(files, shards, pattern) -> np.dtype:
+    """The token dtype shared by all shards, or one line naming two that differ."""
+    first = {}
+    for f, s in zip(files, shards):
+        first.setdefault(s.dtype, f)
+    if len(first) > 1:
+        (a, fa), (b, fb) = list(first.items())[:2]
+        raise LlmpyError(f"data {_describe(pattern)} mixes {a.name} shards ({fa}) with {b.name} "
+                         f"shards ({fb}), i.e. two tokenizers' ids; give one kind per data pattern")
+    return next(iter(first))
 
 
 def _describe(pattern) -> str:

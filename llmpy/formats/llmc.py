@@ -23,10 +23,12 @@ Tokenizer file:
              (version 1 has no eot field; GPT-2's is 50256)
     tokens   vocab_size times: one uint8 length n (1..255), then n bytes.
 
-Token shard (what `llmpy prepare` writes and data/shards.py reads):
+Token shard (what `llmpy prepare` writes and data/shards.py reads), in
+the two kinds of llm.c's dev/data/data_common.py:
 
-    header   256 x int32: [20240520, 1 (version), ntok, 0, ...]
-    tokens   ntok x uint16: the token ids
+    header   256 x int32: [magic, version, ntok, 0, ...]
+    tokens   ntok token ids: uint16 for magic 20240520 version 1 (GPT-2),
+             uint32 for magic 20240801 version 7 (Llama 3)
 
 bfloat16 is the top half of a float32. Writing rounds to nearest, ties to
 even (as PyTorch and CUDA do); reading shifts the 16 bits back up, exactly.
@@ -52,8 +54,13 @@ MODEL_MAGIC = 20240326
 VERSION_FP32 = 3
 VERSION_BF16 = 5
 TOKENIZER_MAGIC = 20240328
-SHARD_MAGIC = 20240520
+SHARD_MAGIC = 20240520          # GPT-2 token shard: uint16 ids
 SHARD_VERSION = 1
+LLAMA3_SHARD_MAGIC = 20240801   # Llama 3 token shard: uint32 ids
+LLAMA3_SHARD_VERSION = 7
+# token dtype -> (magic, version) of its shard header, as llm.c's data_common.py
+SHARD_KINDS = {np.dtype("<u2"): (SHARD_MAGIC, SHARD_VERSION),
+               np.dtype("<u4"): (LLAMA3_SHARD_MAGIC, LLAMA3_SHARD_VERSION)}
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
 GPT2_EOT = 50256
@@ -249,28 +256,32 @@ def read_tokenizer(path) -> tuple[list[bytes], int]:
 # ---------------------------------------------------------------------- token shards
 
 
-def shard_header(ntok: int) -> bytes:
-    """The header of a token shard holding ntok tokens."""
+def shard_header(ntok: int, dtype=np.uint16) -> bytes:
+    """The header of a token shard holding ntok tokens of `dtype` (uint16 or uint32)."""
     h = np.zeros(HEADER_INTS, dtype="<i4")
-    h[:3] = (SHARD_MAGIC, SHARD_VERSION, ntok)
+    h[:3] = (*SHARD_KINDS[np.dtype(dtype).newbyteorder("<")], ntok)
     return h.tobytes()
 
 
-def read_shard_header(path: Path, fix: str) -> int:
-    """The token count of a shard, its header checked field by field and
-    against the file's size; every error ends with `fix` (how to remake it)."""
+def read_shard_header(path: Path, fix: str) -> tuple[int, np.dtype]:
+    """(token count, token dtype) of a shard, its header checked field by field
+    and against the file's size; every error ends with `fix` (how to remake it)."""
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise LlmpyError(f"token shard {path} is {size} bytes, shorter than the "
                          f"{HEADER_BYTES}-byte header (truncated?); {fix}")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     magic, version, ntok = (int(v) for v in header[:3])
-    if magic != SHARD_MAGIC:
-        raise LlmpyError(f"{path} is not a token shard (magic {magic}, expected {SHARD_MAGIC}); {fix}")
-    if version != SHARD_VERSION:
-        raise LlmpyError(f"token shard {path} has version {version}, expected {SHARD_VERSION}; {fix}")
-    expected = HEADER_BYTES + 2 * ntok
+    kinds = {m: (v, dt) for dt, (m, v) in SHARD_KINDS.items()}
+    if magic not in kinds:
+        raise LlmpyError(f"{path} is not a token shard (magic {magic}, expected {SHARD_MAGIC} "
+                         f"or {LLAMA3_SHARD_MAGIC}); {fix}")
+    expected_version, dtype = kinds[magic]
+    if version != expected_version:
+        raise LlmpyError(f"token shard {path} has version {version}, expected {expected_version} "
+                         f"for magic {magic}; {fix}")
+    expected = HEADER_BYTES + dtype.itemsize * ntok
     if ntok < 0 or size != expected:
         raise LlmpyError(f"token shard {path} is {size} bytes but its header says {ntok} tokens "
                          f"({expected} bytes; truncated or corrupt); {fix}")
-    return ntok
+    return ntok, dtype
