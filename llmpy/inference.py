@@ -4,19 +4,26 @@ KV cache. To sample token n+1, forward() recomputes all n positions, but with
 causal attention the keys and values of positions < n never change once
 computed (position s only sees positions <= s). Keeping them per layer turns
 each new token into O(n) attention work plus one row of every matmul, instead
-of n rows. Memory: 2 x L x B x NH x max_T x hs values = 2 L B max_T C.
-forward_cached runs the model's own blocks (GPT.block_forward) on the new
-tokens only, with an attention that appends their keys and values to the
-cache and attends over everything cached.
+of n rows. forward_cached runs the model's own blocks (the family's
+block_forward) on the new tokens only, with an attention that appends their
+keys and values to the cache and attends over everything cached. Per family:
+
+    GPT-2     NH key/value heads of C / NH; positions enter at the embedding
+              (wpe rows [pos, pos + t)); memory 2 L B NH max_T hs = 2 L B max_T C
+    Llama 3   NKV key/value heads of hs (grouped-query: each read by NH / NKV
+              query heads, so the cache is NH / NKV times smaller); the keys
+              are cached rotated (RoPE at their absolute positions), and the
+              new tokens' q and k are rotated at positions [pos, pos + t)
 
 Past the context. The model reads at most block_size tokens, and the cache
-cannot slide by one: GPT-2's positions are absolute (wpe), so when the window
-moves by one token every position in it changes, and so does every key and
-value. Refilling the whole window for every token makes each token cost a
-block_size-token forward. Instead, when the window is full, generate() keeps
-its last half, refills the cache with those block_size/2 tokens once (one
-batched forward, "prefill"), and goes on one token at a time until the window
-is full again:
+cannot slide by one: when the window moves, its first token leaves the
+context of every later position, so every hidden state and therefore every
+key and value above the first layer changes (and GPT-2's positions are
+absolute, wpe, so even the first layer's do). Refilling the whole window for
+every token makes each token cost a block_size-token forward. Instead, when
+the window is full, generate() keeps its last half, refills the cache with
+those block_size/2 tokens once (one batched forward, "prefill"), and goes on
+one token at a time until the window is full again:
 
     window of the next token = ctx[start:],   start fixed while len(ctx) - start <= block_size,
                                then start = len(ctx) - block_size // 2
@@ -50,20 +57,26 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import LlmpyError
+from .llama import Llama
+from .model import GPT
+from .ops.shared import split_heads
 
 # ---------------------------------------------------------------------- KV cache
 
 
 class KVCache:
-    """Keys and values of the positions seen so far: k, v (L, B, NH, max_T, hs),
-    for B sequences of up to max_T (<= block_size) positions."""
+    """Keys and values of the positions seen so far: k, v (L, B, H, max_T, hs),
+    for B sequences of up to max_T (<= block_size) positions; H and hs are the
+    family's key/value heads and their size (GPT-2: NH of C / NH; Llama: NKV of hs)."""
 
     def __init__(self, model, B: int = 1, max_T: int | None = None):
         cfg = model.config
         max_T = cfg.block_size if max_T is None else max_T
         if not 0 < max_T <= cfg.block_size:
             raise LlmpyError(f"KV cache length {max_T} must be in [1, block_size={cfg.block_size}]")
-        shape = (cfg.n_layer, B, cfg.n_head, max_T, cfg.n_embd // cfg.n_head)
+        kv_heads, _ = _family(model)
+        H, hs = kv_heads(cfg)
+        shape = (cfg.n_layer, B, H, max_T, hs)
         self.k = model.xp.zeros(shape, dtype=model.storage)
         self.v = model.xp.zeros(shape, dtype=model.storage)
         self.B, self.max_T = B, max_T
@@ -75,7 +88,8 @@ class KVCache:
 
 
 def forward_cached(model, ids, cache: KVCache, all_logits: bool = False):
-    """Logits of t new tokens at positions [cache.pos, cache.pos + t).
+    """Logits of t new tokens at positions [cache.pos, cache.pos + t), for
+    either family.
 
     ids (B, t) ints. Their keys and values are appended to `cache`, and
     attention looks at every cached position before them, so a prompt fed
@@ -83,7 +97,7 @@ def forward_cached(model, ids, cache: KVCache, all_logits: bool = False):
     logits as forward() on the whole sequence. Returns a new array: the
     logits of the last new position (B, V), or of all of them (B, t, V).
     """
-    ops, cfg, p, xp = model.ops, model.config, model.compute_params, model.xp
+    ops, cfg, xp = model.ops, model.config, model.xp
     ids = model._check_ids(ids, "ids")
     B, t = ids.shape
     pos = cache.pos
@@ -92,28 +106,53 @@ def forward_cached(model, ids, cache: KVCache, all_logits: bool = False):
     if pos + t > cache.max_T:
         raise LlmpyError(f"KV cache holds {cache.max_T} positions, {pos} used: no room for {t} more; "
                          "start a new cache with the last block_size tokens")
-    C, NH = cfg.n_embd, cfg.n_head
-    hs, N = C // NH, B * t
-    act, f32 = model.storage, np.float32
-    # one block's buffers for the t new rows, reused by every block (see GPT.block_forward)
-    z = lambda *shape: xp.empty(shape, dtype=act)  # noqa: E731
-    a = SimpleNamespace(ln1=z(N, C), ln1_mean=xp.empty(N, f32), ln1_rstd=xp.empty(N, f32), qkv=z(N, 3 * C),
-                        atty=z(N, C), residual2=z(N, C), ln2=z(N, C), ln2_mean=xp.empty(N, f32),
-                        ln2_rstd=xp.empty(N, f32), fch=z(N, 4 * C), fch_gelu=z(N, 4 * C), residual3=z(N, C),
-                        lnf=z(N, C), lnf_mean=xp.empty(N, f32), lnf_rstd=xp.empty(N, f32))
-    y = z(B, NH, t, hs)
+    _, new_tokens = _family(model)
+    y = xp.empty((B, cfg.n_head, t, cache.k.shape[-1]), dtype=model.storage)
 
-    def attention(atty, qkv, l):
-        # (N, 3C) -> q, k, v each (B, NH, t, hs); k and v go into the cache
-        q, k, v = qkv.reshape(B, t, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+    def attend(l, atty, q, k, v):
+        # q (B, NH, t, hs), k, v (B, H, t, hs) of the new tokens: k, v go into
+        # the cache, q attends over it; atty (B t, NH hs) gets the heads merged
         cache.k[l, :, :, pos:pos + t] = k
         cache.v[l, :, :, pos:pos + t] = v
         ops.attention_forward_cached(y, q, cache.k[l, :, :, :pos + t], cache.v[l, :, :, :pos + t], pos)
-        atty.reshape(B, t, NH, hs)[...] = y.transpose(0, 2, 1, 3)
+        atty.reshape(B, t, cfg.n_head, -1)[...] = y.transpose(0, 2, 1, 3)
 
-    x = z(B, t, C)
-    ops.encoder_forward(x, ids, p.wte, p.wpe[pos:pos + t])   # absolute positions of the new tokens
-    x = x.reshape(N, C)
+    lnf, head = new_tokens(model, ids, pos, attend)
+    cache.pos = pos + t
+
+    # Only the rows we return go through the LM head (the largest matmul: V x C per row).
+    C = cfg.n_embd
+    rows = lnf if all_logits else xp.ascontiguousarray(lnf.reshape(B, t, C)[:, -1])
+    logits = xp.empty((rows.shape[0], cfg.vocab_size), dtype=model.storage)
+    ops.matmul_forward(logits, rows, head[:cfg.vocab_size], None)
+    return logits.reshape(B, t, cfg.vocab_size) if all_logits else logits
+
+
+# Each family's forward over t new tokens at positions [pos, pos + t): its
+# embedding, its own block_forward on one block's buffers for the t rows
+# (reused by every block), its final norm. attend(l, atty, q, k, v) is block
+# l's attention (forward_cached's). Returns (final norm (B t, C), LM head).
+
+def _rows(model, N, stats, **widths):
+    """One block's buffers for N rows: (N, width) of the storage type per
+    keyword, (N,) float32 per name in stats (norm statistics stay float32)."""
+    xp = model.xp
+    return SimpleNamespace(**{name: xp.empty((N, w), dtype=model.storage) for name, w in widths.items()},
+                           **{name: xp.empty(N, dtype=np.float32) for name in stats})
+
+
+def _gpt_new_tokens(model, ids, pos, attend):
+    ops, cfg, p = model.ops, model.config, model.compute_params
+    B, t = ids.shape
+    C, NH = cfg.n_embd, cfg.n_head
+    a = _rows(model, B * t, ("ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd"),
+              x=C, ln1=C, qkv=3 * C, atty=C, residual2=C, ln2=C, fch=4 * C, fch_gelu=4 * C, residual3=C, lnf=C)
+
+    def attention(atty, qkv, l):      # (N, 3C) -> q, k, v each (B, NH, t, hs)
+        attend(l, atty, *split_heads(qkv.reshape(B, t, 3 * C), B, t, NH))
+
+    x = a.x
+    ops.encoder_forward(x.reshape(B, t, C), ids, p.wte, p.wpe[pos:pos + t])   # absolute positions of the new tokens
 
     def next_ln(l):   # the layernorm after block l writes into the one set of buffers
         if l + 1 < cfg.n_layer:
@@ -123,13 +162,47 @@ def forward_cached(model, ids, cache: KVCache, all_logits: bool = False):
     ops.layernorm_forward(out, mean, rstd, x, w, b)
     for l in range(cfg.n_layer):
         x = model.block_forward(l, x, a, next_ln(l), lambda atty, qkv, l=l: attention(atty, qkv, l))
-    cache.pos = pos + t
+    return a.lnf, p.wte                                       # the head is tied to wte
 
-    # Only the rows we return go through the LM head (the largest matmul: V x C per row).
-    rows = a.lnf if all_logits else xp.ascontiguousarray(a.lnf.reshape(B, t, C)[:, -1])
-    logits = xp.empty((rows.shape[0], cfg.vocab_size), dtype=act)
-    ops.matmul_forward(logits, rows, p.wte[:cfg.vocab_size], None)
-    return logits.reshape(B, t, cfg.vocab_size) if all_logits else logits
+
+def _llama_new_tokens(model, ids, pos, attend):
+    ops, cfg, p = model.ops, model.config, model.compute_params
+    B, t = ids.shape
+    C, NH, NKV, hs, I = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.hs, cfg.intermediate_size
+    a = _rows(model, B * t, ("ln1_rstd", "ln2_rstd", "lnf_rstd"), x=C, ln1=C, qkv=cfg.qkv_size, atty=NH * hs,
+              residual2=C, ln2=C, fch=2 * I, fch_swiglu=I, residual3=C, lnf=C)
+    cos, sin = (c[pos:] for c in model.rope(pos + t))        # the angles of positions [pos, pos + t)
+
+    def attention(atty, qkv, l):
+        # rotate q, k in place, then the GQA layout: NH query heads, NKV key heads, NKV value heads
+        model._rotate_qk(qkv, B, t, cos, sin)
+        heads = qkv.reshape(B, t, NH + 2 * NKV, hs).transpose(0, 2, 1, 3)
+        attend(l, atty, heads[:, :NH], heads[:, NH:NH + NKV], heads[:, NH + NKV:])
+
+    x = a.x
+    ops.embedding_forward(x.reshape(B, t, C), ids, p.wte)    # no positions here: RoPE carries them
+
+    def next_norm(l):   # the RMSNorm after block l writes into the one set of buffers
+        if l + 1 < cfg.n_layer:
+            return a.ln1, a.ln1_rstd, p.ln1w[l + 1], cfg.rms_norm_eps
+        return a.lnf, a.lnf_rstd, p.lnfw, cfg.rms_norm_eps
+    ops.rmsnorm_forward(*next_norm(-1)[:2], x, *next_norm(-1)[2:])
+    for l in range(cfg.n_layer):
+        x = model.block_forward(l, x, a, next_norm(l), lambda atty, qkv, l=l: attention(atty, qkv, l))
+    return a.lnf, p.views[model.head]
+
+
+# model class -> (its cache's key/value heads and their size, its forward over new tokens)
+_FAMILIES = {GPT: (lambda cfg: (cfg.n_head, cfg.n_embd // cfg.n_head), _gpt_new_tokens),
+             Llama: (lambda cfg: (cfg.n_kv_head, cfg.hs), _llama_new_tokens)}
+
+
+def _family(model):
+    for cls, family in _FAMILIES.items():
+        if isinstance(model, cls):
+            return family
+    raise LlmpyError(f"{type(model).__name__} has no KV-cache forward (llmpy/inference.py _FAMILIES); "
+                     "sample with use_cache=False")
 
 
 # ---------------------------------------------------------------------- sampling and generation
@@ -235,7 +308,6 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     start = max(0, len(ctx) - block)                # a long prompt: its last block_size tokens
     # the longest window we will ever look at: the cache's (and the buffer's) length
     max_T = min(block, len(ctx) + max_new_tokens - 1)
-    # (Llama has no KV-cache forward yet, issue 15: it recomputes the window per token)
     cached = use_cache and model.has_kv_cache
     last_logits = (_Cached if cached else _FullRecompute)(model, max_T)
     for _ in range(max_new_tokens):

@@ -124,6 +124,7 @@ class Llama(CausalLM):
     the buffers and the bookkeeping around forward and backward are lm.CausalLM's."""
 
     Activations = Activations
+    has_kv_cache = True    # inference.forward_cached runs this model's blocks over new tokens (GQA cache)
     decayed = DECAYED      # the tensors AdamW applies weight decay to (the matrices)
     parameter_shapes = staticmethod(parameter_shapes)
     to_hf = staticmethod(to_hf)

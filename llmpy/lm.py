@@ -38,7 +38,7 @@ class _ShapesOnly:
 
 class CausalLM:
     Activations = None          # the family's activations class: Activations(cfg, B, T, xp, dtype, ops)
-    has_kv_cache = False        # inference.forward_cached can run it (GPT-2; Llama not yet)
+    has_kv_cache = False        # inference.forward_cached can run it (both families set True)
     decayed = frozenset()       # the tensors AdamW applies weight decay to
 
     @staticmethod

@@ -91,7 +91,8 @@ OPS: dict[str, Op] = {
     "attention_forward_cached": Op(
         "(out, q, k, v, pos)",
         "inference: t new queries against the pos + t cached keys, query i sees keys s <= pos + i; "
-        "out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); nothing is kept for a backward"),
+        "out, q (B, NH, t, hs); k, v (B, NKV, pos + t, hs), NKV dividing NH: query head h reads k/v head "
+        "h // (NH / NKV) (NKV = NH: multi-head); nothing is kept for a backward"),
     # gelu (tanh form) and the residual add: elementwise
     "gelu_forward": Op(
         "(out, inp)",

@@ -412,7 +412,7 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, s
 # cached attention (inference only): see shared.attention_forward_cached
 
 def attention_forward_cached(out, q, k, v, pos):
-    # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); no backward is kept.
+    # out, q (B, NH, t, hs); k, v (B, NKV, pos + t, hs), NKV dividing NH (grouped-query); no backward is kept.
     shared.attention_forward_cached(np, out, q, k, v, pos)
 
 

@@ -33,21 +33,29 @@ def upper_triangle(xp, T):
 # cached attention (inference only): t new queries against every key so far
 #
 # Incremental decoding keeps each layer's keys and values of all earlier
-# positions (the KV cache, see model.py); a step then computes q, k, v for the
-# t new tokens only. New token i sits at absolute position pos + i and, as in
-# the causal mask of attention_forward, may look at positions 0 .. pos + i:
+# positions (the KV cache, see inference.py); a step then computes q, k, v for
+# the t new tokens only. New token i sits at absolute position pos + i and, as
+# in the causal mask of attention_forward, may look at positions 0 .. pos + i:
 #   att = softmax(q K^T / sqrt(hs) + mask),  out = att V
 # where K, V are the cache's first pos + t rows (the new k, v already written).
+# Grouped-query attention (Llama): the cache holds NKV <= NH key/value heads,
+# and query head h reads k/v head h // G, G = NH / NKV. Splitting q's heads
+# into (NKV, G) and giving k, v a group axis of 1 lets the batched matmuls
+# broadcast each k/v head over its G query heads, with no copy of the cache
+# (NKV = NH, G = 1: multi-head attention, GPT-2).
 # A sampling path, small next to a training step: plain array code.
 
 def attention_forward_cached(xp, out, q, k, v, pos):
-    # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); no backward is kept.
-    t, hs = q.shape[-2], q.shape[-1]
+    # out, q (B, NH, t, hs); k, v (B, NKV, pos + t, hs), NKV dividing NH; no backward is kept.
+    B, NH, t, hs = q.shape
+    NKV = k.shape[1]
     if q.dtype != np.float32:
         # bf16 model (CUDA): this small computation in float32 (CuPy's bf16
         # support covers fewer functions), rounded once into out
         q, k, v = (a.astype(np.float32) for a in (q, k, v))
-    att = xp.matmul(q, k.swapaxes(-1, -2))               # (B, NH, t, S)
+    q = q.reshape(B, NKV, NH // NKV, t, hs)              # (B, NKV, G, t, hs): splitting an axis is a view
+    k, v = k[:, :, None], v[:, :, None]                  # (B, NKV, 1, S, hs)
+    att = xp.matmul(q, k.swapaxes(-1, -2))               # (B, NKV, G, t, S)
     att *= np.float32(1.0 / math.sqrt(hs))
     if t > 1:
         # query i may not see key s > pos + i: only the new block is masked
@@ -55,4 +63,4 @@ def attention_forward_cached(xp, out, q, k, v, pos):
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    out[...] = xp.matmul(att, v)
+    out[...] = xp.matmul(att, v).reshape(B, NH, t, hs)

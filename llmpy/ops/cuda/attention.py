@@ -260,5 +260,6 @@ def _cudnn_ok(B, NH, T, hs) -> bool:
 # cached attention (inference only): see shared.attention_forward_cached
 
 def attention_forward_cached(out, q, k, v, pos):
-    # out, q (B, NH, t, hs); k, v (B, NH, pos + t, hs); bf16 computed in float32, rounded into out
+    # out, q (B, NH, t, hs); k, v (B, NKV, pos + t, hs), NKV dividing NH (grouped-query);
+    # bf16 computed in float32, rounded into out
     shared.attention_forward_cached(cupy, out, q, k, v, pos)
