@@ -76,6 +76,10 @@ def _prepare_parser(sub):
     own.add_argument("--name", default=None, help="prefix of the shard files (default: the first PATH's stem)")
     own.add_argument("--field", default=None, help="JSON Lines: the field that holds the text (default text)")
     own.add_argument("--column", default=None, help="Parquet: the column that holds the text (default text)")
+    own.add_argument("--tokenizer", default=None, metavar="TOK",
+                     help="a Hugging Face tokenizer.json, or a directory holding one, instead of GPT-2's; "
+                          "its end-of-text token separates the documents. Shards are uint16 while its "
+                          "vocabulary fits (<= 65,536 ids), else uint32 (llm.c's Llama 3 shards)")
     own.add_argument("--val-fraction", type=float, default=None,
                      help="share of the tokens for the val split, whole documents where possible "
                           "(default 0.1, at least 1,025 tokens unless that is over half)")
@@ -99,7 +103,8 @@ def _prepare(args):
         return ", ".join(names) + (" applies" if len(names) == 1 else " apply")
 
     shared = ("shard_size", "workers", "progress")
-    own, corpus_only = ("name", "field", "column", "val_fraction"), ("max_tokens", "shards", "val_tokens", "splits")
+    own = ("name", "field", "column", "val_fraction", "tokenizer")
+    corpus_only = ("max_tokens", "shards", "val_tokens", "splits")
     corpus = corpus_named(args.inputs)
     if corpus is not None:
         if given(own):

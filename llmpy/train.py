@@ -83,6 +83,9 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     optimizer = AdamW(model, weight_decay=tc.weight_decay, shard=shard)
     loader = DataLoader(train_pattern, tc.batch_size, tc.seq_len, rank=comm.rank, world_size=world, seed=tc.seed)
     val_loader = DataLoader(val_pattern, tc.batch_size, tc.seq_len, shuffle=False) if val_pattern and root else None
+    for data in (loader, val_loader):       # another tokenizer's ids fail here, not as an index error mid-step
+        if data is not None:
+            data.check_vocab(model.config.vocab_size, tc.model)
     val_steps = tc.val_steps if tc.val_steps > 0 or val_loader is None else val_loader.num_windows // tc.batch_size
     outliers = Outliers(tc.skip_loss_z, tc.skip_norm_z)
     if tc.hellaswag and root:

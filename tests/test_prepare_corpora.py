@@ -238,12 +238,14 @@ def test_interrupted_prepare_looks_unfinished_and_resumes(server, tmp_path, tok)
 
 
 def test_a_tokenizer_worker_that_dies_is_one_error_not_a_hang():
-    # A worker killed mid-run (the OOM killer, a crash) must end the prepare
-    # with a message; multiprocessing.Pool would wait for its result forever.
+    # ONE worker killed mid-run (the OOM killer, a crash) must end the prepare
+    # with a message: multiprocessing.Pool would wait for its result forever,
+    # and ProcessPoolExecutor's clean-up (CPython 3.11) for the other worker.
     def batches():
-        yield "val", ["first batch"]
-        for worker in multiprocessing.active_children():
-            os.kill(worker.pid, signal.SIGKILL)
+        for i in range(4):                  # both workers started and busy (4 long tasks in flight)
+            yield "val", [f"batch {i} " * 200_000]
+        workers = multiprocessing.active_children()
+        os.kill(workers[0].pid, signal.SIGKILL)
         for i in range(8):
             yield "train", [f"batch {i}"]
     with pytest.raises(LlmpyError, match=r"a tokenizer worker process died .*--workers 1"):

@@ -49,6 +49,7 @@ import numpy as np
 from ..errors import LlmpyError
 from ..fileio import atomic_write_json
 from .download import NotFound, download, endpoint
+from .hf_tokenizer import HFTokenizer
 from .shards import read_shard, write_shard
 from .tokenizer import Tokenizer
 
@@ -335,17 +336,31 @@ def _batches(docs, batch_chars: int):
         yield split, texts
 
 
-_worker_tokenizer = None
+_worker_tokenizers: dict = {}       # (tokenizer path (None: GPT-2), its mtime, size) -> tokenizer, per process
 
 
-def _encode_docs(texts: list[str]) -> np.ndarray:
-    """Runs in a worker: eot + tokens of each text, concatenated, as uint16."""
-    global _worker_tokenizer
-    if _worker_tokenizer is None:      # once per process: building it takes ~1 s
-        _worker_tokenizer = Tokenizer()
-    tok = _worker_tokenizer
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 (llm.c's GPT-2 shards) while every id fits, else uint32 (its Llama 3 shards)."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _encode_docs(texts: list[str], tokenizer_path: str | None = None) -> np.ndarray:
+    """Runs in a worker: eot + tokens of each text, concatenated, as token_dtype.
+
+    tokenizer_path: a tokenizer.json (HFTokenizer), None for GPT-2's. Each
+    process builds its own from the path, once (~1 s): a short string goes
+    with every task, never a tokenizer object. The file's mtime and size are
+    in the key, so that a tokenizer retrained in place is read again.
+    """
+    st = os.stat(tokenizer_path) if tokenizer_path is not None else None
+    key = (tokenizer_path, st and st.st_mtime_ns, st and st.st_size)
+    tok = _worker_tokenizers.get(key)
+    if tok is None:
+        tok = Tokenizer() if tokenizer_path is None else HFTokenizer(tokenizer_path)
+        _worker_tokenizers[key] = tok
     ids = [tok.encode(t) for t in texts]
-    out = np.empty(len(ids) + sum(len(d) for d in ids), dtype=np.uint16)
+    dtype = np.uint16 if tokenizer_path is None else token_dtype(tok.vocab_size)
+    out = np.empty(len(ids) + sum(len(d) for d in ids), dtype=dtype)
     pos = 0
     for d in ids:
         out[pos] = tok.eot
@@ -354,8 +369,9 @@ def _encode_docs(texts: list[str]) -> np.ndarray:
     return out
 
 
-def _encoded(batches, workers: int):
-    """(split, tokens) for each batch, in input order, from `workers` processes.
+def _encoded(batches, workers: int, tokenizer_path: str | None = None):
+    """(split, tokens) for each batch, in input order, from `workers` processes
+    (tokenizer_path: _encode_docs's).
 
     At most 2 tasks per worker are in flight, so reading (and downloading)
     keeps pace with tokenizing, and stopping early stops everything. Results
@@ -371,13 +387,13 @@ def _encoded(batches, workers: int):
     """
     if workers == 1:                   # no processes to start: same results, less overhead
         for split, texts in batches:
-            yield split, _encode_docs(texts)
+            yield split, _encode_docs(texts, tokenizer_path)
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
     pending = collections.deque()
     try:
         for split, texts in batches:
-            pending.append((split, pool.submit(_encode_docs, texts)))
+            pending.append((split, pool.submit(_encode_docs, texts, tokenizer_path)))
             if len(pending) >= 2 * workers:
                 s, f = pending.popleft()
                 yield s, f.result()
@@ -385,17 +401,22 @@ def _encoded(batches, workers: int):
             s, f = pending.popleft()
             yield s, f.result()
     except BrokenProcessPool as e:
+        # The pool's own clean-up joins the workers still alive without
+        # stopping them (CPython 3.11), and they wait for work that will
+        # never come: stop them here, or the join (and we) would wait for ever.
+        for worker in list(getattr(pool, "_processes", {}).values()):
+            worker.kill()
         raise LlmpyError(f"a tokenizer worker process died ({e}); run again with --workers 1 "
                          f"to see its error") from None
     finally:                           # also on an early stop: drop what is queued, wait for the rest
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _tokenize(docs, writer, workers: int, progress: bool, name: str) -> None:
+def _tokenize(docs, writer, workers: int, progress: bool, name: str, tokenizer_path: str | None = None) -> None:
     from tqdm import tqdm
     with tqdm(total=writer.max_tokens, unit="tok", unit_scale=True, desc=f"{name} tokens",
               disable=not progress) as bar:
-        for split, tokens in _encoded(_batches(docs, BATCH_CHARS), workers):
+        for split, tokens in _encoded(_batches(docs, BATCH_CHARS), workers, tokenizer_path):
             if split == "train":
                 writer.end_val()
             bar.update(writer.add(tokens))
@@ -407,11 +428,11 @@ class _ShardWriter:
     """Cuts one long token stream into shards: val first, then train, as they fill."""
 
     def __init__(self, out: Path, name: str, shard_size: int, val_tokens: int,
-                 max_tokens: int | None, max_shards: int | None):
-        self.out, self.name = out, name
+                 max_tokens: int | None, max_shards: int | None, dtype=np.uint16):
+        self.out, self.name, self.dtype = out, name, np.dtype(dtype)
         self.shard_size, self.val_tokens = shard_size, val_tokens
         self.max_tokens, self.max_shards = max_tokens, max_shards
-        self.buf = np.empty(val_tokens, dtype=np.uint16)   # the shard being filled
+        self.buf = np.empty(val_tokens, dtype=self.dtype)   # the shard being filled
         self.fill = 0                                      # tokens in buf
         self.total = 0                                     # tokens taken, all shards
         self.written: list[tuple[str, int]] = []           # (path, tokens) per shard
@@ -449,11 +470,11 @@ class _ShardWriter:
         index = len(self.written)
         split = "val" if index == 0 else "train"
         path = self.out / f"{self.name}_{split}_{index:06d}.bin"
-        write_shard(path, self.buf[:self.fill])
+        write_shard(path, self.buf[:self.fill], dtype=self.dtype)
         self.written.append((str(path), self.fill))
         self.fill = 0
         if index == 0 and self.buf.size != self.shard_size:
-            self.buf = np.empty(self.shard_size, dtype=np.uint16)
+            self.buf = np.empty(self.shard_size, dtype=self.dtype)
 
     def result(self) -> dict:
         if not self.written:

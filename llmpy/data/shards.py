@@ -145,6 +145,19 @@ class DataLoader:
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self.reset()
 
+    def check_vocab(self, vocab_size: int, model: str) -> None:
+        """One line naming the shard holding an id >= vocab_size, which the
+        model's embedding could not look up (shards of another tokenizer).
+        Only the pattern's first shard is read (~0.1 s per 100M tokens): one
+        tokenizer made them all, and a pass over every shard of a
+        billions-of-tokens corpus would cost minutes before the first step."""
+        for f, s in list(zip(self.files, self.shards))[:1]:
+            top = int(s.max()) if s.size else -1
+            if top >= vocab_size:
+                raise LlmpyError(f"token shard {f} holds token id {top:,}, but model {model} has a vocabulary of "
+                                 f"{vocab_size:,} ids; train a model with that tokenizer's vocabulary "
+                                 "(--model), or prepare the data with the model's tokenizer")
+
     # --- state -------------------------------------------------------------
 
     def reset(self) -> None:

@@ -21,7 +21,12 @@ bad input is found in seconds.
 The token stream is the corpora's (prepare.py, whose worker processes and
 shard writer do the work): each document preceded by <|endoftext|>, which
 ordinary text can never produce, so the eot positions are exactly the
-document starts. The val split is the start of the stream, N tokens in all:
+document starts. With --tokenizer TOK (a Hugging Face tokenizer.json, or a
+folder holding one; hf_tokenizer.py) its ids replace GPT-2's and its eot
+token separates the documents; the shards are uint16 while its vocabulary
+fits (<= 65,536 ids), else llm.c's uint32 Llama 3 kind.
+
+The val split is the start of the stream, N tokens in all:
 
     target = max(val_fraction * N, min(MIN_VAL_TOKENS, N // 2))
 
@@ -35,13 +40,13 @@ minimum from swallowing a tiny input.
 In OUT (default data/NAME): NAME_val_000000.bin, NAME_train_000001.bin, ...
 (llm.c's shard format) and NAME_done.json, written last.
 
-Nothing half-written. The tokens (2 bytes each, until the split is known),
+Nothing half-written. The tokens (2 or 4 bytes each, until the split is known),
 then the shards, go to a hidden staging folder inside OUT; only when every
 input has been read do the shards replace an earlier set, and the done-file
 follows them. A failure anywhere, Ctrl-C included, removes the staging folder
 (and OUT, if this run created it): OUT is as it was. The done-file records
-each input's path, size and mtime and the settings; the same again, with the
-shards intact, does nothing.
+each input's path, size and mtime and the settings, the tokenizer file's
+sha256 among them; the same again, with the shards intact, does nothing.
 """
 from __future__ import annotations
 
@@ -57,9 +62,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlmpyError
-from ..fileio import atomic_write_json, fsync_dir, make_temp_dir
+from ..fileio import atomic_write_json, fsync_dir, make_temp_dir, sha256_file
+from .hf_tokenizer import HFTokenizer
 from .prepare import (DATASETS, SHARD_SIZE, _corpus_result, _finished, _pyarrow_parquet, _ShardWriter,
-                      _tokenize, check_positive)
+                      _tokenize, check_positive, token_dtype)
 from .tokenizer import EOT
 
 KINDS = {".txt": "text", ".md": "text", ".text": "text", ".markdown": "text",
@@ -87,11 +93,12 @@ def corpus_named(args: list[str]) -> str | None:
 
 def prepare_text(paths, out_dir=None, name: str | None = None, field: str = "text", column: str = "text",
                  val_fraction: float = VAL_FRACTION, shard_size: int = SHARD_SIZE,
-                 workers: int | None = None, progress: bool = True) -> dict:
+                 workers: int | None = None, progress: bool = True, tokenizer=None) -> dict:
     """Tokenize the documents of `paths` (files, folders, globs) into shards in out_dir.
 
     name: the shards' prefix (default: the first path's stem); out_dir
-    defaults to data/NAME. Returns what prepare() returns for a corpus:
+    defaults to data/NAME. tokenizer: a tokenizer.json or a folder holding
+    one (default: GPT-2's). Returns what prepare() returns for a corpus:
     {"val": path, "train": glob, "val_tokens": n, "train_tokens": m, "shards": count}.
     """
     paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
@@ -102,6 +109,7 @@ def prepare_text(paths, out_dir=None, name: str | None = None, field: str = "tex
     check_positive({"--shard-size": shard_size, "--workers": workers})
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise LlmpyError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction!r}")
+    tok = HFTokenizer(tokenizer) if tokenizer is not None else None     # a bad path fails before any input is read
 
     inputs, skipped = find_inputs(paths)
     name = _checked_name(name) if name is not None else _default_name(paths[0], inputs)
@@ -116,7 +124,9 @@ def prepare_text(paths, out_dir=None, name: str | None = None, field: str = "tex
                                          for (p, _), st in zip(inputs, stats)],
                 "field": field if "jsonl" in kinds else None,
                 "column": column if "parquet" in kinds else None,
-                "val_fraction": val_fraction, "min_val_tokens": MIN_VAL_TOKENS, "shard_size": shard_size}
+                "val_fraction": val_fraction, "min_val_tokens": MIN_VAL_TOKENS, "shard_size": shard_size,
+                # the content, not the path: a retrained tokenizer in the same place redoes the shards
+                "tokenizer_sha256": sha256_file(tok.path) if tok is not None else None}
     done = out / f"{name}_done.json"
     finished = _finished(done, settings)
     if finished is not None:
@@ -134,19 +144,31 @@ def prepare_text(paths, out_dir=None, name: str | None = None, field: str = "tex
               f"({', '.join(f'{n:,} {kind}' for kind, n in common)}{', ...' if len(common) == 4 else ''}); "
               "name a file directly to read it as text")
 
-    documents, written = _staged(out, name, inputs, field, column, val_fraction, shard_size, workers, progress)
-    result = _install(out, name, written, {**settings, "documents": documents})
+    documents, written = _staged(out, name, inputs, field, column, val_fraction, shard_size, workers, progress, tok)
+    record = {**settings, "documents": documents, "tokenizer": str(tok.path.resolve()) if tok is not None else None}
+    result = _install(out, name, written, record)
     print(f"{name}: wrote {result['shards']} shards to {out} ({result['train_tokens']:,} train + "
           f"{result['val_tokens']:,} val tokens; {_count(documents, 'document')} from "
           f"{_count(len(inputs), 'file')})")
     if result["train_tokens"] < MIN_VAL_TOKENS:
         print(f"{name}: note: {result['train_tokens']:,} train tokens are less than one batch at train's "
               f"defaults (B=8, T=128 need {MIN_VAL_TOKENS:,}): train with smaller -B and -T, or add text")
-    print(f"{name}: train on it with: llmpy train --data '{result['train']}' --val-data '{result['val']}'")
+    print(f"{name}: train on it with: llmpy train {_model_flag(tok)}--data '{result['train']}' "
+          f"--val-data '{result['val']}'")
     return result
 
 
-def _staged(out: Path, name: str, inputs, field, column, val_fraction, shard_size, workers, progress):
+def _model_flag(tok: HFTokenizer | None) -> str:
+    """`--model P ` for the smallest Llama preset whose vocabulary holds the tokenizer's
+    ids (train's default GPT-2 model has only GPT-2's); none for GPT-2's tokenizer."""
+    if tok is None:
+        return ""
+    from ..llama_layout import PRESETS
+    fits = [p for p, cfg in PRESETS.items() if cfg.vocab_size >= tok.vocab_size]
+    return f"--model {fits[0]} " if fits else f"--model MODEL (a model of >= {tok.vocab_size:,} ids) "
+
+
+def _staged(out: Path, name: str, inputs, field, column, val_fraction, shard_size, workers, progress, tok):
     """_build in a hidden folder of `out`; on any failure (Ctrl-C too) the folder
     goes, and so do `out` and its parents if this run created them."""
     missing = [d for d in (out, *out.parents) if not d.exists()]
@@ -154,7 +176,7 @@ def _staged(out: Path, name: str, inputs, field, column, val_fraction, shard_siz
     staging = make_temp_dir(out, prefix=f".{name}.", suffix=".partial")
     try:
         return _build(staging, name, _documents(inputs, field, column), val_fraction, shard_size,
-                      workers, progress)
+                      workers, progress, tok)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for d in missing:               # deepest first; stop at one that is not empty
@@ -409,20 +431,20 @@ class _TokenFile:
     """The token stream on disk while its length, and so the split, is unknown.
 
     Plays _ShardWriter's part for _tokenize (add, full, max_tokens): tokens
-    are appended to one flat uint16 file, and the position of every eot,
+    are appended to one flat file of `dtype`, and the position of every eot,
     i.e. of every document's start, is kept.
     """
     max_tokens = None
     full = False
 
-    def __init__(self, path: Path, eot: int):
-        self.path, self.eot = path, eot
+    def __init__(self, path: Path, eot: int, dtype: np.dtype):
+        self.path, self.eot, self.dtype = path, eot, np.dtype(dtype).newbyteorder("<")
         self.file = open(path, "wb")
         self.total = 0
         self.starts: list[np.ndarray] = []    # eot positions, per batch
 
     def add(self, tokens: np.ndarray) -> int:
-        self.file.write(tokens.astype("<u2").tobytes())
+        self.file.write(tokens.astype(self.dtype).tobytes())
         self.starts.append(np.flatnonzero(tokens == self.eot) + self.total)
         self.total += tokens.size
         return int(tokens.size)
@@ -431,8 +453,8 @@ class _TokenFile:
         self.file.close()
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens (N,) uint16 memmap, document starts (D,) int64); N > 0."""
-        return (np.memmap(self.path, dtype="<u2", mode="r", shape=(self.total,)),
+        """(tokens (N,) memmap of dtype, document starts (D,) int64); N > 0."""
+        return (np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.total,)),
                 np.concatenate(self.starts))
 
 
@@ -450,15 +472,19 @@ def val_size(starts: np.ndarray, total: int, val_fraction: float) -> int:
 
 
 def _build(staging: Path, name: str, docs, val_fraction: float, shard_size: int, workers: int,
-           progress: bool) -> tuple[int, list[tuple[str, int]]]:
-    """Tokenize docs, split, write the shards into staging. Returns (documents, [(path, tokens)])."""
-    stream = _TokenFile(staging / "tokens.u16", EOT)
+           progress: bool, tok: HFTokenizer | None) -> tuple[int, list[tuple[str, int]]]:
+    """Tokenize docs (with tok, None: GPT-2's), split, write the shards into staging.
+    Returns (documents, [(path, tokens)])."""
+    dtype = token_dtype(tok.vocab_size) if tok is not None else np.dtype(np.uint16)
+    stream = _TokenFile(staging / "tokens.bin", tok.eot if tok is not None else EOT, dtype)
     try:
-        _tokenize(docs, stream, workers, progress, name)
+        # the workers get the path (absolute: their working folder is the forkserver's) and build it themselves
+        _tokenize(docs, stream, workers, progress, name, str(tok.path.resolve()) if tok is not None else None)
     finally:
         stream.close()
     tokens, starts = stream.read()      # every input holds a document: N >= 2
-    writer = _ShardWriter(staging, name, shard_size, val_size(starts, stream.total, val_fraction), None, None)
+    writer = _ShardWriter(staging, name, shard_size, val_size(starts, stream.total, val_fraction), None, None,
+                          dtype)
     writer.add(tokens)
     writer.finish()
     del tokens
