@@ -67,16 +67,27 @@ def flops_per_token(cfg: GPTConfig, T: int) -> float:
     return 6.0 * n_params_for_flops(cfg) + 12.0 * cfg.n_layer * T * cfg.n_embd
 
 
-def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
+def sgemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "fp32") -> float:
+    """The CPU's matmul rate now, n^3, best of reps: NumPy's sgemm; for bf16,
+    MKL's bf16 GEMM as ops.cpu_bf16 runs it (a row block per core)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), dtype=np.float32)
-    np.matmul(a, b, out=c)
+    if dtype == "bf16":
+        from .ops import cpu_bf16, mkl
+        a16, b16 = a.astype(cpu_bf16.BF16), b.astype(cpu_bf16.BF16)
+
+        def matmul():
+            cpu_bf16._split_rows(n, n, lambda lo, hi: mkl.gemm(c[lo:hi], a16[lo:hi], b16, False, False))
+    else:
+        def matmul():
+            np.matmul(a, b, out=c)
+    matmul()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
+        matmul()
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(times) / 1e9
 

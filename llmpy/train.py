@@ -230,8 +230,10 @@ def _peak_flops(tc: TrainConfig) -> tuple[float | None, str]:
     on the GPU a dense bf16 (or fp32) matmul measured now."""
     from .bench import cupy_matmul_tflops, sgemm_gflops
     if tc.device == "cpu":
-        rate = sgemm_gflops(n=2048, reps=3)
-        return rate * 1e9, f"the sgemm rate measured now ({rate:.0f} GFLOP/s, 2048^3 through NumPy's BLAS)"
+        rate = sgemm_gflops(n=2048, reps=3, dtype=tc.dtype)
+        how = "MKL's bf16 GEMM" if tc.dtype == "bf16" else "NumPy's BLAS"
+        return rate * 1e9, f"the {'bf16 GEMM' if tc.dtype == 'bf16' else 'sgemm'} rate measured now " \
+                           f"({rate:.0f} GFLOP/s, 2048^3 through {how})"
     try:
         tflops, how = cupy_matmul_tflops(tc.dtype)
     except ImportError as e:            # (the CPU tests' stand-in for CuPy has no matmul to time)
