@@ -95,10 +95,11 @@ class HostStep:
         model, comm, world = self.model, self.comm, self.comm.world_size
         model.zero_grad()
         loss = 0.0
+        scale = 1.0 / (self.accum * world)      # each micro-batch's share of the step's mean loss
         for x, y in _micro_batches(batches, self.accum):
             # the loss and the logits' gradient in one pass (the classifier's fused op)
-            _, micro_loss = model.forward(x, y, loss_scale=1.0 / (self.accum * world))
-            model.backward(loss_scale=1.0 / (self.accum * world))
+            _, micro_loss = model.forward(x, y, loss_scale=scale)
+            model.backward(loss_scale=scale)
             loss += micro_loss / self.accum
         if self.before_sync is not None:
             self.before_sync(t)

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import cpu, cpu_parallel, mkl
 from .cpu import (  # noqa: F401  (the ops that read no weight: the fp32 code as it is)
-    LN_EPS, adamw_update, attention_backward, attention_forward, attention_forward_cached, attention_saved,
+    LN_EPS, adamw_update, attention_backward, attention_forward, attention_forward_cached, attention_saved, cast,
     crossentropy_backward, crossentropy_forward, crossentropy_forward_backward, embedding_backward,
     encoder_backward, gelu_backward, gelu_forward, gqa_attention_backward, gqa_attention_forward,
     ln_scratch_rows_per_chunk, needs_gelu_scratch, residual_forward, rope_backward, rope_forward,
@@ -53,11 +53,6 @@ def storage_dtype(dtype: str):
 def params_dtype(dtype: str):
     """What the ops read the weights as: the bf16 copy."""
     return BF16
-
-
-def cast(dst, src):
-    """dst[...] = src, rounded to dst's dtype (bf16: to nearest even)."""
-    dst[...] = src
 
 
 def _f32(w):
