@@ -242,8 +242,12 @@ def test_a_tokenizer_worker_that_dies_is_one_error_not_a_hang():
     # with a message: multiprocessing.Pool would wait for its result forever,
     # and ProcessPoolExecutor's clean-up (CPython 3.11) for the other worker.
     def batches():
-        for i in range(4):                  # both workers started and busy (4 long tasks in flight)
-            yield "val", [f"batch {i} " * 200_000]
+        # Two small tasks, then two long ones: when this generator resumes,
+        # the first result is in and both workers are busy tokenizing, not
+        # sending a result (a worker killed halfway through sending one
+        # leaves a partial message that CPython's pool waits on for ever).
+        for i in range(4):
+            yield "val", [f"batch {i} " * (200_000 if i >= 2 else 1)]
         workers = multiprocessing.active_children()
         os.kill(workers[0].pid, signal.SIGKILL)
         for i in range(8):
