@@ -24,11 +24,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import LlmpyError
 from .formats.hf_llama import from_hf, to_hf
 from .llama_layout import DECAYED, LlamaConfig, parameter_shapes, preset  # noqa: F401  (the family's names)
 from .lm import CausalLM
-from .ops import contract, get_backend
 from .tensors import FlatTensors
 
 
@@ -84,7 +82,7 @@ class Activations:
         self.encoded = z(N, C)               # the token embeddings: residual stream entering layer 0
         self.ln1, self.ln1_rstd = z(L, N, C), f32(L, N)
         self.qkv = z(L, N, cfg.qkv_size)     # q, k rotated in place after the projection
-        att_shape, att_dtype, datt_shape = ops.attention_saved(B, NH, T, cfg.hs, dtype)
+        att_shape, att_dtype, datt_shape = ops.attention_saved(B, NH, T, cfg.hs, dtype, n_kv_head=cfg.n_kv_head)
         self.att = xp.empty((L, *att_shape), dtype=att_dtype)
         self.atty = z(L, N, A)               # attention output, before o_proj
         self.residual2 = z(L, N, C)          # x + attention branch
@@ -132,10 +130,6 @@ class Llama(CausalLM):
 
     def __init__(self, config: LlamaConfig, device: str = "cpu", seed: int = 0, init: bool = True,
                  dtype: str = "fp32"):
-        missing = [n for n in contract.LLAMA_OPS if not hasattr(get_backend(device, dtype), n)]
-        if missing:
-            raise LlmpyError(f"the Llama family needs --device cpu for now: the {device} backend lacks "
-                             f"{', '.join(missing)} (issue 15)")
         self._rope = (None, None)            # cos, sin (T, hs/2) on the backend, grown as needed
         super().__init__(config, device, seed, init, dtype)
 

@@ -98,7 +98,7 @@ class CausalLM:
         if device == "cpu":
             rule = get_backend("cpu")
         else:   # the CUDA backend's scratch and what its attention keeps, flash attention on or off (CuPy-free)
-            rule = SimpleNamespace(attention_saved=lambda B, NH, T, hs, dtype:
+            rule = SimpleNamespace(attention_saved=lambda B, NH, T, hs, dtype, n_kv_head=None:
                                    contract.attention_saved(B, NH, T, hs, dtype, flash),
                                    ln_scratch_rows_per_chunk=cuda_build.LN_ROWS_PER_CHUNK, needs_gelu_scratch=False)
         acts = cls.Activations(cfg, B, T, _ShapesOnly, act, rule)

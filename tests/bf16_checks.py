@@ -72,18 +72,21 @@ def ops_match_cpu(cuda, xp):
     assert abs(cuda.sum_of_squares(x) - cpu.sum_of_squares(x32)) <= 1e-5 * cpu.sum_of_squares(x32)
 
 
-def step_tracks_fp32(xp):
+def step_tracks_fp32(xp, make=None):
     """One mixed-precision step against the fp32 reference on the CPU: loss,
     gradients, the fp32 master weights after AdamW, and the bf16 copy the
     forward pass reads must be one of the master value's two bf16 neighbours
-    (stochastic rounding)."""
+    (stochastic rounding). make(device, dtype): the model (vocabulary 200;
+    default a 2-layer GPT-2), the same initial weights for every call."""
     from llmpy.model import GPT
     from llmpy.optim import AdamW
-    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
+    if make is None:
+        cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
+        make = lambda device, dtype: GPT(cfg, device=device, seed=3, dtype=dtype)  # noqa: E731
     rng = np.random.default_rng(1)
     ids, targets = rng.integers(0, 200, (2, 24)), rng.integers(0, 200, (2, 24))
-    ref = GPT(cfg, device="cpu", seed=3)
-    mixed = GPT(cfg, device="cuda", seed=3, dtype="bf16")
+    ref = make("cpu", "fp32")
+    mixed = make("cuda", "bf16")
     assert mixed.params.flat.dtype == np.float32 and mixed.compute_params.flat.dtype == BF16
     np.testing.assert_array_equal(host(mixed.params.flat), ref.params.flat)    # the same fp32 init
     ref.params.flat[:] = host(mixed.compute_params.flat).astype(np.float32)    # the reference sees bf16 weights

@@ -350,12 +350,13 @@ def test_adamw_step_flat_segments(cuda, cp):
 
 # ---------------------------------------------------------------------------- a whole step
 
-def _step(device, cfg, ids, targets, steps=2):
-    """`steps` training steps (forward, backward, global norm, AdamW); returns
-    the losses, the norms, the last gradients and the final parameters (HF names)."""
+def _step(device, cfg, ids, targets, steps=2, family=None):
+    """`steps` training steps (forward, backward, global norm, AdamW) of a
+    GPT-2 (or of `family`, a model class taking cfg); returns the losses, the
+    norms, the last gradients and the final parameters (HF names)."""
     from llmpy.model import GPT
     from llmpy.optim import AdamW, global_norm
-    model = GPT(cfg, device=device, seed=1)
+    model = (family or GPT)(cfg, device=device, seed=1)
     opt = AdamW(model, weight_decay=0.1)
     losses, norms = [], []
     for t in range(1, steps + 1):
@@ -388,6 +389,35 @@ def test_training_step_matches_cpu(cp):
             assert rel_err(g_params[name], c_params[name]) <= STEP_RTOL, name
         else:
             assert not np.any(g_params[name]), name
+
+
+@pytest.mark.parametrize("NKV", [4, 2], ids=["mha", "gqa"])
+def test_llama_training_step_matches_cpu(cp, NKV):
+    # the Llama family's kernels (rmsnorm, rope, swiglu, embedding, grouped-query
+    # attention) in a whole fp32 step, as GPT-2's above
+    from llmpy.llama import Llama
+    from llmpy.llama_layout import LlamaConfig
+    cfg = LlamaConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=NKV, n_embd=64,
+                      intermediate_size=96, rope_theta=1e4, tie_word_embeddings=False)
+    rng = np.random.default_rng(19)
+    ids, targets = rng.integers(0, 1000, size=(3, 48)), rng.integers(0, 1000, size=(3, 48))
+    c = _step("cpu", cfg, ids, targets, family=Llama)
+    g = _step("cuda", cfg, cp.asarray(ids), cp.asarray(targets), family=Llama)
+    for a, b in zip(g[0] + g[1], c[0] + c[1]):
+        assert abs(a - b) <= STEP_RTOL * abs(b)
+    for got, ref in ((g[2], c[2]), (g[3], c[3])):
+        for name in ref:
+            assert rel_err(got[name], ref[name]) <= STEP_RTOL, name
+
+
+def test_llama_bf16_training_step_tracks_fp32(cp):
+    # bf16 Llama (GQA; cuDNN flash attention where the frontend imports) as bf16_checks holds GPT-2
+    bf16_checks = pytest.importorskip("bf16_checks")
+    from llmpy.llama import Llama
+    from llmpy.llama_layout import LlamaConfig
+    cfg = LlamaConfig(block_size=32, vocab_size=200, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                      intermediate_size=96, rope_theta=1e4)
+    bf16_checks.step_tracks_fp32(cp, make=lambda device, dtype: Llama(cfg, device=device, seed=3, dtype=dtype))
 
 
 def test_training_step_is_repeatable(cp):
@@ -441,28 +471,31 @@ def test_bf16_training_loss_tracks_fp32(cp):
     print(f"100 steps: worst |bf16 - fp32| / fp32 loss = {worst:.2e}")
 
 
-@pytest.mark.parametrize("B,T,NH,hs", [(2, 37, 4, 16), (4, 1024, 12, 64)])
-def test_attention_cudnn_bf16(cuda, cp, B, T, NH, hs):
-    # cuDNN flash attention (bf16) against the fp32 NumPy reference on the
-    # same bf16-exact inputs; and the backend's first-use check must accept it.
+@pytest.mark.parametrize("B,T,NH,NKV,hs", [(2, 37, 4, 4, 16), (4, 1024, 12, 12, 64), (2, 37, 4, 2, 16),
+                                            (2, 256, 32, 8, 64)])
+def test_attention_cudnn_bf16(cuda, cp, B, T, NH, NKV, hs):
+    # cuDNN flash attention (bf16), multi-head and grouped-query (k, v with
+    # NKV < NH heads), against the fp32 NumPy reference on the same
+    # bf16-exact inputs; and the backend's first-use check must accept it.
     if cuda.attention.cudnn is None:
         pytest.skip(f"no cuDNN frontend: {cuda.attention_library}")
     import ml_dtypes
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    assert cuda.attention._cudnn_ok(B, NH, T, hs), "cuDNN attention was turned off (see the message above)"
-    assert cuda.attention_saved(B, NH, T, hs, bf16)[0] == (B, NH, T)     # the model would take the flash path
+    assert cuda.attention._cudnn_ok(B, NH, NKV, T, hs), "cuDNN attention was turned off (see the message above)"
+    assert cuda.attention_saved(B, NH, T, hs, bf16, n_kv_head=NKV)[0] == (B, NH, T)   # the flash path
     rng = np.random.default_rng(21)
-    C = NH * hs
-    qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32).astype(bf16)
+    C, W = NH * hs, (NH + 2 * NKV) * hs
+    qkv = rng.standard_normal((B, T, W), dtype=np.float32).astype(bf16)
     dout = rng.standard_normal((B, T, C), dtype=np.float32).astype(bf16)
     out, att = np.empty((B, T, C), np.float32), np.empty((B, NH, T, T), np.float32)
-    dqkv = np.empty((B, T, 3 * C), np.float32)
-    cpu.attention_forward(out, att, qkv.astype(np.float32), NH)
-    cpu.attention_backward(dqkv, dout.astype(np.float32), qkv.astype(np.float32), att, np.empty_like(att), NH)
+    dqkv = np.empty((B, T, W), np.float32)
+    cpu.gqa_attention_forward(out, att, qkv.astype(np.float32), NH, NKV)
+    cpu.gqa_attention_backward(dqkv, dout.astype(np.float32), qkv.astype(np.float32), att, np.empty_like(att),
+                               NH, NKV)
     g_out, g_stats = cp.full((B, T, C), np.nan, dtype=bf16), cp.full((B, NH, T), np.nan, dtype=np.float32)
-    g_dqkv = cp.full((B, T, 3 * C), np.nan, dtype=bf16)
-    cuda.attention_forward(g_out, g_stats, cp.asarray(qkv), NH)
-    cuda.attention_backward(g_dqkv, cp.asarray(dout), cp.asarray(qkv), g_stats, None, NH, out=g_out)
+    g_dqkv = cp.full((B, T, W), np.nan, dtype=bf16)
+    cuda.gqa_attention_forward(g_out, g_stats, cp.asarray(qkv), NH, NKV)
+    cuda.gqa_attention_backward(g_dqkv, cp.asarray(dout), cp.asarray(qkv), g_stats, None, NH, NKV, out=g_out)
     assert rel_err(g_out.astype(np.float32), out) <= 1e-2
     assert rel_err(g_dqkv.astype(np.float32), dqkv) <= 2e-2
 

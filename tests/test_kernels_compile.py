@@ -29,7 +29,7 @@ NVCC = shutil.which("nvcc")
 def test_kernel_files_exist():
     names = {p.name for p in CU_FILES}
     for want in ("encoder.cu", "layernorm.cu", "gelu.cu", "residual.cu", "classifier.cu",
-                 "attention.cu", "adamw.cu", "norm.cu", "matmul.cu"):
+                 "attention.cu", "adamw.cu", "norm.cu", "matmul.cu", "rmsnorm.cu", "rope.cu", "swiglu.cu"):
         assert want in names
 
 

@@ -142,8 +142,9 @@ HELPERS: dict[str, Op] = {
     "zero": Op("(x)", "x[...] = 0", kernel=False),
     "to_host": Op("(x)", "x as a NumPy array", kernel=False),
     "synchronize": Op("()", "wait for all queued work (time a step only after this)", kernel=False),
-    "attention_saved": Op("(B, NH, T, hs, dtype)",
-                          "(att shape, att dtype, datt shape) attention_forward keeps: see attention_saved below",
+    "attention_saved": Op("(B, NH, T, hs, dtype, n_kv_head=None)",
+                          "(att shape, att dtype, datt shape) attention_forward (gqa_attention_forward with "
+                          "n_kv_head key/value heads) keeps: see attention_saved below",
                           kernel=False),
 }
 
@@ -207,11 +208,7 @@ CUDA_ATTRIBUTES = {
 # heads, then NKV value heads, each hs wide (q_proj, k_proj and v_proj
 # stacked). Same conventions as the GPT-2 ops: out-parameters, acc for the
 # parameter gradients, rmsnorm's backward ADDS into the residual stream.
-#
-# Only the NumPy backend has them so far: LLAMA_BACKENDS lists who does, and
-# functions() demands them of those backends only. The CUDA kernels are the
-# rest of issue 15; when they land, "cuda" joins LLAMA_BACKENDS and
-# tests/test_contract.py then demands every one of them of llmpy.ops.cuda.
+# Every backend has them (functions() demands them of both).
 
 LLAMA_OPS: dict[str, Op] = {
     # token embedding alone (RoPE carries the positions)
@@ -262,14 +259,11 @@ LLAMA_OPS: dict[str, Op] = {
         "dqkv (B, T, (NH + 2 NKV) hs) overwritten; datt scratch; out: the forward's output (flash only)"),
 }
 
-LLAMA_BACKENDS = {"cpu"}     # the backends that have LLAMA_OPS (not yet "cuda": issue 15)
-
-
 def functions(backend: str) -> dict[str, Op]:
     """Every function backend `backend` ('cpu' or 'cuda') must define: the
-    layer ops, the helpers and its own optimizer / device-step pieces, and
-    the Llama family's ops where it has them (LLAMA_BACKENDS)."""
-    return {**OPS, **HELPERS, **ONLY_ON[backend], **(LLAMA_OPS if backend in LLAMA_BACKENDS else {})}
+    layer ops of both families, the helpers and its own optimizer /
+    device-step pieces."""
+    return {**OPS, **LLAMA_OPS, **HELPERS, **ONLY_ON[backend]}
 
 
 def timed_ops() -> tuple[str, ...]:

@@ -173,10 +173,10 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # ----------------------------------------------------------------------------
 # attention: causal multi-head self-attention from the fused qkv projection
 
-def attention_saved(B, NH, T, hs, dtype):
+def attention_saved(B, NH, T, hs, dtype, n_kv_head=None):
     """Shape and dtype of what attention_forward keeps (`att`: the softmax
-    probabilities; no flash attention here) and the shape of the backward's
-    scratch `datt` (see contract.attention_saved)."""
+    probabilities, whatever the key/value heads; no flash attention here) and
+    the shape of the backward's scratch `datt` (see contract.attention_saved)."""
     return contract.attention_saved(B, NH, T, hs, dtype, flash=False)
 
 

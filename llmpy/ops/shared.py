@@ -17,6 +17,14 @@ def split_heads(x, B, T, NH):
     return x[0], x[1], x[2]
 
 
+def gqa_heads(x, B, T, NH, NKV):
+    """(B, T, (NH + 2 NKV) hs) -> q (B, NH, T, hs), k and v (B, NKV, T, hs):
+    views of grouped-query attention's fused qkv (split_heads when NKV = NH)."""
+    hs = x.shape[-1] // (NH + 2 * NKV)
+    heads = x.reshape(B, T, NH + 2 * NKV, hs).transpose(0, 2, 1, 3)
+    return heads[:, :NH], heads[:, NH:NH + NKV], heads[:, NH + NKV:]
+
+
 _MASKS: dict = {}
 
 

@@ -10,12 +10,15 @@ Where the work is done (one module per layer family, beside its kernels):
                      kernel handles), scratch buffers, dtype checks, streams
     encoder.py       encoder.cu      embedding forward, deterministic scatter-add backward
     layernorm.py     layernorm.cu    layernorm, and the residual add fused with it
+    rmsnorm.py       rmsnorm.cu      Llama's RMSNorm, and the residual add fused with it
+    rope.py          rope.cu         Llama's rotary embedding, on the q, k heads where they lie
     matmul.py        matmul.cu       cuBLASLt (cublaslt.py) with fused epilogues, else
                                      cuBLAS through CuPy; our bias gradient kernel
     attention.py     attention.cu    softmax and head permutes between batched GEMMs, or
-                                     cuDNN flash attention (cudnn_attention.py) for bf16
+                                     cuDNN flash attention (cudnn_attention.py) for bf16;
+                                     multi-head and grouped-query
     classifier.py    classifier.cu   softmax + cross-entropy, forward, backward, or both
-    elementwise.py   gelu.cu, residual.cu
+    elementwise.py   gelu.cu, residual.cu, swiglu.cu
     optimizer.py     adamw.cu, norm.cu: AdamW (clipping, bf16 rounding), sums of squares
 The kernels' compiler options, and the constants the Python side shares
 with them (-D NAME=value), are llmpy/ops/cuda_build.py's.
@@ -45,14 +48,16 @@ import cupy
 
 from . import attention, matmul, runtime  # noqa: F401  (the submodules, for tests and tools)
 from .attention import (attention_backward, attention_forward, attention_forward_cached,  # noqa: F401
-                        attention_library, attention_saved)
+                        attention_library, attention_saved, gqa_attention_backward, gqa_attention_forward)
 from .classifier import crossentropy_backward, crossentropy_forward, crossentropy_forward_backward  # noqa: F401
-from .elementwise import gelu_backward, gelu_forward, residual_forward  # noqa: F401
-from .encoder import encoder_backward, encoder_forward, host_sort  # noqa: F401
+from .elementwise import gelu_backward, gelu_forward, residual_forward, swiglu_backward, swiglu_forward  # noqa: F401
+from .encoder import embedding_backward, embedding_forward, encoder_backward, encoder_forward, host_sort  # noqa: F401
 from .layernorm import layernorm_backward, layernorm_forward, residual_layernorm_forward  # noqa: F401
 from .matmul import matmul_backward, matmul_forward, matmul_library  # noqa: F401
 from .optimizer import (accumulate_sum, adamw_hyper, adamw_step_flat, cast, sum_of_squares,  # noqa: F401
                         sum_of_squares_into)
+from .rmsnorm import residual_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward  # noqa: F401
+from .rope import rope_backward, rope_forward  # noqa: F401
 from .runtime import params_dtype, storage_dtype, synchronize, to_host, upload, zero  # noqa: F401
 from ..cuda_build import LN_ROWS_PER_CHUNK
 

@@ -1,5 +1,6 @@
 // attention.cu: the softmax of causal self-attention, for the batched-GEMM
-// attention path (the host does pre = q k^T and y = att v with cuBLAS).
+// attention path (the host does pre = q k^T and y = att v with cuBLAS), and
+// the copies that move the heads into the GEMMs' batch and back.
 //
 // Each row (b, h, t) of the (B, NH, T, T) score matrix becomes
 //     att[t, s] = exp(pre[t, s] * scale - m) / sum_{s' <= t} exp(pre[t, s'] * scale - m),  s <= t
@@ -56,9 +57,14 @@ extern "C" __global__ void attention_softmax_backward(floatX* datt, const floatX
 
 // ---------------------------------------------------------------------------
 // Moving heads in and out of the batch dimension, for the batched GEMMs:
-// qkv (B, T, 3, NH, hs) <-> q, k, v each (B, NH, T, hs), and the attention
-// output y (B, NH, T, hs) <-> out (B, T, NH, hs) = (B, T, C). One thread per
-// element of one (B, NH, T, hs) tensor; i is its index there.
+// qkv (B, T, NH + 2 NKV, hs) <-> q (B, NH, T, hs), k, v each (B, NKV, T, hs),
+// and the attention output y (B, NH, T, hs) <-> out (B, T, NH, hs). NKV = NH
+// is GPT-2's multi-head attention; NKV < NH grouped-query attention (Llama),
+// where query head h = j G + g reads k/v head j (G = NH / NKV): q's (B, NH,
+// T, hs) is then also (B, NKV, G T, hs), each k/v head's G query heads
+// stacked as the rows of one matrix, which is what lets one GEMM per k/v
+// head serve the whole group. One thread per element of q (or y); i is its
+// index there.
 
 __device__ __forceinline__ long long bthd_index(long long i, int T, int NH, int hs, int heads_per_row) {
     // (b, h, t, d) of i in (B, NH, T, hs) -> index of (b, t, h, d) in rows of heads_per_row * hs values
@@ -71,26 +77,44 @@ __device__ __forceinline__ long long bthd_index(long long i, int T, int NH, int 
     return ((b * T + t) * heads_per_row + h) * hs + d;
 }
 
-// q, k, v <- qkv (forward). n = B * NH * T * hs.
-extern "C" __global__ void attention_split_heads(floatX* q, floatX* k, floatX* v, const floatX* qkv,
-                                                 long long n, int T, int NH, int hs) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long j = bthd_index(i, T, NH, hs, 3 * NH);   // q of (b, t, h, d); k and v follow NH * hs later
-    q[i] = qkv[j];
-    k[i] = qkv[j + NH * hs];
-    v[i] = qkv[j + 2 * NH * hs];
+__device__ __forceinline__ long long kv_index(long long i, int T, int NH, int NKV, int hs, int* h) {
+    // (b, h, t, d) of i in (B, NH, T, hs) -> index of (b, h, t, d) in (B, NKV, T, hs); *h = the head
+    long long inner = i % ((long long)T * hs);          // (t, d)
+    long long bh = i / ((long long)T * hs);
+    *h = (int)(bh % NH);
+    return (bh / NH * NKV + *h) * T * hs + inner;
 }
 
-// dqkv <- dq, dk, dv (backward of the split: the same copy the other way).
-extern "C" __global__ void attention_merge_heads_qkv(floatX* dqkv, const floatX* dq, const floatX* dk,
-                                                     const floatX* dv, long long n, int T, int NH, int hs) {
+// q, k, v <- qkv (forward). n = B * NH * T * hs; the threads of the first
+// NKV heads copy k and v too.
+extern "C" __global__ void attention_split_heads(floatX* q, floatX* k, floatX* v, const floatX* qkv,
+                                                 long long n, int T, int NH, int NKV, int hs) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    long long j = bthd_index(i, T, NH, hs, 3 * NH);
+    long long j = bthd_index(i, T, NH, hs, NH + 2 * NKV);   // q of (b, t, h, d); k and v follow NH * hs later
+    q[i] = qkv[j];
+    int h;
+    long long jkv = kv_index(i, T, NH, NKV, hs, &h);
+    if (h < NKV) {
+        k[jkv] = qkv[j + (long long)NH * hs];
+        v[jkv] = qkv[j + (long long)(NH + NKV) * hs];
+    }
+}
+
+// dqkv <- dq, dk, dv (backward of the split: the same copy the other way;
+// every element of dqkv is written once).
+extern "C" __global__ void attention_merge_heads_qkv(floatX* dqkv, const floatX* dq, const floatX* dk,
+                                                     const floatX* dv, long long n, int T, int NH, int NKV, int hs) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long j = bthd_index(i, T, NH, hs, NH + 2 * NKV);
     dqkv[j] = dq[i];
-    dqkv[j + NH * hs] = dk[i];
-    dqkv[j + 2 * NH * hs] = dv[i];
+    int h;
+    long long jkv = kv_index(i, T, NH, NKV, hs, &h);
+    if (h < NKV) {
+        dqkv[j + (long long)NH * hs] = dk[jkv];
+        dqkv[j + (long long)(NH + NKV) * hs] = dv[jkv];
+    }
 }
 
 // out (B, T, NH, hs) <- y (B, NH, T, hs) when to_bthd = 1 (forward);

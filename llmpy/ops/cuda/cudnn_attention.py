@@ -9,9 +9,11 @@ saved by the forward pass. cuDNN's implementation uses the tensor cores.
 
 We call it through the cuDNN frontend's Python graph API on raw device
 pointers (no framework). The tensors are described by dims and strides, so
-q, k and v are read straight out of the fused qkv activation (B, T, 3, NH,
-hs) and the output is written straight into (B, T, NH, hs) = (B, T, C): no
-permute copies. One graph per shape and direction is built once and cached.
+q, k and v are read straight out of the fused qkv activation (B, T, NH +
+2 NKV, hs) and the output is written straight into (B, T, NH, hs) = (B, T, C):
+no permute copies. Grouped-query attention (Llama) is cuDNN's own case of k
+and v with fewer heads than q (NKV dividing NH; dk, dv summed over each
+group). One graph per shape and direction is built once and cached.
 
     forward:  out = softmax(q k^T * scale + causal mask) v,  stats (B, NH, T) float32
     backward: dq, dk, dv from q, k, v, out, dout, stats, written into dqkv
@@ -31,7 +33,7 @@ _BF16, _F32 = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
 
 class _State:
     handle = None
-    graphs: dict = {}          # (direction, B, NH, T, hs) -> (graph, tensors)
+    graphs: dict = {}          # (direction, B, NH, NKV, T, hs) -> (graph, tensors)
     workspace = None
 
 
@@ -42,11 +44,22 @@ def _graph():
                          handle=_State.handle)
 
 
-def _qkv_tensors(g, B, NH, T, hs, names=("q", "k", "v")):
-    # q[b, h, t, d] = qkv[b, t, 0, h, d]: strides in elements of the (B, T, 3C) buffer
-    C = NH * hs
-    return [g.tensor(name=n, dim=[B, NH, T, hs], stride=[T * 3 * C, hs, 3 * C, 1], data_type=_BF16)
-            for n in names]
+def _qkv_dims(B, NH, NKV, T, hs):
+    """(dims, strides) of q, k, v in the (B, T, (NH + 2 NKV) hs) buffer:
+    q[b, h, t, d] = qkv[b, t, h, d], k and v NH and NH + NKV heads further."""
+    W = (NH + 2 * NKV) * hs
+    stride = [T * W, hs, W, 1]
+    return [([B, H, T, hs], stride) for H in (NH, NKV, NKV)]
+
+
+def _qkv_tensors(g, B, NH, NKV, T, hs):
+    return [g.tensor(name=n, dim=dim, stride=stride, data_type=_BF16)
+            for n, (dim, stride) in zip(("q", "k", "v"), _qkv_dims(B, NH, NKV, T, hs))]
+
+
+def _offsets(NH, NKV, hs):
+    """Bytes from a qkv row's start to its k heads and to its v heads (bf16)."""
+    return NH * hs * 2, (NH + NKV) * hs * 2
 
 
 def _bthd(B, NH, T, hs):
@@ -73,9 +86,9 @@ def _sdpa(g, q, k, v, scale):
                       use_causal_mask=True)
 
 
-def describe_forward(g, B, NH, T, hs):
+def describe_forward(g, B, NH, NKV, T, hs):
     """Add the forward attention to graph g; returns its tensors (q, k, v, o, stats)."""
-    q, k, v = _qkv_tensors(g, B, NH, T, hs)
+    q, k, v = _qkv_tensors(g, B, NH, NKV, T, hs)
     o, stats = _sdpa(g, q, k, v, 1.0 / math.sqrt(hs))
     dim, stride = _bthd(B, NH, T, hs)
     o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(_BF16)
@@ -83,28 +96,28 @@ def describe_forward(g, B, NH, T, hs):
     return q, k, v, o, stats
 
 
-def describe_backward(g, B, NH, T, hs):
+def describe_backward(g, B, NH, NKV, T, hs):
     """Add the backward attention to graph g; returns (q, k, v, o, dO, stats, dq, dk, dv)."""
-    q, k, v = _qkv_tensors(g, B, NH, T, hs)
+    q, k, v = _qkv_tensors(g, B, NH, NKV, T, hs)
     dim, stride = _bthd(B, NH, T, hs)
     o = g.tensor(name="o", dim=dim, stride=stride, data_type=_BF16)
     do = g.tensor(name="dO", dim=dim, stride=stride, data_type=_BF16)
     stats = g.tensor(name="stats", dim=[B, NH, T, 1], stride=[NH * T, T, 1, 1], data_type=_F32)
     dq, dk, dv = g.sdpa_backward(name="attention_backward", q=q, k=k, v=v, o=o, dO=do, stats=stats,
                                  attn_scale=1.0 / math.sqrt(hs), use_causal_mask=True)
-    for t in (dq, dk, dv):   # written straight into dqkv, interleaved like q, k, v in qkv
-        t.set_output(True).set_dim([B, NH, T, hs]).set_stride([T * 3 * NH * hs, hs, 3 * NH * hs, 1])
-        t.set_data_type(_BF16)
+    for t, (dim, stride) in zip((dq, dk, dv), _qkv_dims(B, NH, NKV, T, hs)):
+        # written straight into dqkv, laid out like q, k, v in qkv
+        t.set_output(True).set_dim(dim).set_stride(stride).set_data_type(_BF16)
     return q, k, v, o, do, stats, dq, dk, dv
 
 
-def _built(describe, B, NH, T, hs):
+def _built(describe, B, NH, NKV, T, hs):
     """(built graph, its tensors) for describe_forward or describe_backward at
     this shape, made once and cached."""
-    key = (describe.__name__, B, NH, T, hs)
+    key = (describe.__name__, B, NH, NKV, T, hs)
     if key not in _State.graphs:
         g = _graph()
-        tensors = describe(g, B, NH, T, hs)
+        tensors = describe(g, B, NH, NKV, T, hs)
         _State.graphs[key] = (_build(g), tensors)
     return _State.graphs[key]
 
@@ -125,16 +138,18 @@ def _run(graph, pack, stream):
     graph.execute(pack, _workspace(graph).data.ptr, handle=_State.handle)
 
 
-def forward(out_ptr, stats_ptr, qkv_ptr, B, NH, T, hs, stream):
-    """out (B, T, C) bf16 and stats (B, NH, T) float32 from qkv (B, T, 3C) bf16 (device pointers)."""
-    graph, (q, k, v, o, stats) = _built(describe_forward, B, NH, T, hs)
-    step = NH * hs * 2                                  # bytes from q to k (and k to v) in a qkv row
-    _run(graph, {q: qkv_ptr, k: qkv_ptr + step, v: qkv_ptr + 2 * step, o: out_ptr, stats: stats_ptr}, stream)
+def forward(out_ptr, stats_ptr, qkv_ptr, B, NH, NKV, T, hs, stream):
+    """out (B, T, NH hs) bf16 and stats (B, NH, T) float32 from qkv (B, T, (NH + 2 NKV) hs) bf16
+    (device pointers)."""
+    graph, (q, k, v, o, stats) = _built(describe_forward, B, NH, NKV, T, hs)
+    to_k, to_v = _offsets(NH, NKV, hs)
+    _run(graph, {q: qkv_ptr, k: qkv_ptr + to_k, v: qkv_ptr + to_v, o: out_ptr, stats: stats_ptr}, stream)
 
 
-def backward(dqkv_ptr, dout_ptr, qkv_ptr, out_ptr, stats_ptr, B, NH, T, hs, stream):
-    """dqkv (B, T, 3C) bf16, overwritten, from the forward's inputs and outputs and dout (B, T, C)."""
-    graph, (q, k, v, o, do, stats, dq, dk, dv) = _built(describe_backward, B, NH, T, hs)
-    step = NH * hs * 2
-    _run(graph, {q: qkv_ptr, k: qkv_ptr + step, v: qkv_ptr + 2 * step, o: out_ptr, do: dout_ptr,
-                 stats: stats_ptr, dq: dqkv_ptr, dk: dqkv_ptr + step, dv: dqkv_ptr + 2 * step}, stream)
+def backward(dqkv_ptr, dout_ptr, qkv_ptr, out_ptr, stats_ptr, B, NH, NKV, T, hs, stream):
+    """dqkv (B, T, (NH + 2 NKV) hs) bf16, overwritten, from the forward's inputs and outputs and
+    dout (B, T, NH hs)."""
+    graph, (q, k, v, o, do, stats, dq, dk, dv) = _built(describe_backward, B, NH, NKV, T, hs)
+    to_k, to_v = _offsets(NH, NKV, hs)
+    _run(graph, {q: qkv_ptr, k: qkv_ptr + to_k, v: qkv_ptr + to_v, o: out_ptr, do: dout_ptr,
+                 stats: stats_ptr, dq: dqkv_ptr, dk: dqkv_ptr + to_k, dv: dqkv_ptr + to_v}, stream)

@@ -1,4 +1,5 @@
-// encoder.cu: token + position embedding.
+// encoder.cu: token + position embedding (GPT-2), and the token embedding
+// alone (Llama).
 //
 // forward:  out[b, t, c] = wte[ids[b, t], c] + wpe[t, c]
 // backward: the forward gathered rows of wte, so their gradient scatters back:
@@ -38,6 +39,14 @@ extern "C" __global__ void encoder_forward(floatX* out, const long long* ids, co
     int t = n % T;
     long long tok = ids[n];
     out[i] = from_f(to_f(wte[tok * C + c]) + to_f(wpe[(long long)t * C + c]));
+}
+
+// Llama's embedding: the token rows alone (RoPE, not a table, carries the
+// positions); its backward is the dwte scatter-add below, without dwpe.
+extern "C" __global__ void embedding_forward(floatX* out, const long long* ids, const floatX* wte, int N, int C) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)N * C) return;
+    out[i] = wte[ids[i / C] * C + i % C];
 }
 
 // dwpe: one thread per (t, c), summing the B rows of the batch in order.

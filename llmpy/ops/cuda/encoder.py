@@ -1,4 +1,5 @@
-"""encoder: token + position embedding, out[b, t] = wte[ids[b, t]] + wpe[t].
+"""encoder: token + position embedding, out[b, t] = wte[ids[b, t]] + wpe[t]
+(GPT-2); and embedding, the token rows alone (Llama: RoPE carries the positions).
 
 Kernels in encoder.cu (read it for the math of the backward and why its
 scatter-add is deterministic without atomics: runs of equal ids, summed in
@@ -44,12 +45,36 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
     # else the sort is done here on the GPU.
     bf = check_floatx(dwte, dwpe, dout)
     B, T, C = dout.shape
-    N = B * T
     if not acc:
         zero(dwte)
         zero(dwpe[T:])
     kernel("encoder.cu", "encoder_backward_wpe", bf)(
         (blocks(T * C),), (BLOCK,), (dwpe, dout, i32(B), i32(T), i32(C), i32(1 if acc else 0)))
+    _scatter_wte(dwte, dout, ids, sorted_order, bf)
+
+
+def embedding_forward(out, ids, wte):
+    # Llama: out[b, t] = wte[ids[b, t]]; out (B, T, C)
+    bf = check_floatx(out, wte)
+    B, T = ids.shape
+    C = wte.shape[1]
+    kernel("encoder.cu", "embedding_forward", bf)(
+        (blocks(B * T * C),), (BLOCK,), (out, ids64(ids), wte, i32(B * T), i32(C)))
+
+
+def embedding_backward(dwte, dout, ids, acc=True, sorted_order=None):
+    # dwte (+)= the scatter-add of dout's rows (encoder_backward's, without dwpe)
+    bf = check_floatx(dwte, dout)
+    if not acc:
+        zero(dwte)
+    _scatter_wte(dwte, dout, ids, sorted_order, bf)
+
+
+def _scatter_wte(dwte, dout, ids, sorted_order, bf):
+    """dwte[v] += the rows of dout (B, T, C) at the positions of token v, in
+    sorted order (see encoder.cu); sorted_order as encoder_backward's."""
+    B, T, C = dout.shape
+    N = B * T
     if sorted_order is not None:
         sorted_ids, order = sorted_order
     else:

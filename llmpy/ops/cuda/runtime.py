@@ -120,6 +120,19 @@ def check_floatx(*arrays) -> bool:
     return bf16
 
 
+def span(view):
+    """A 1-D contiguous array over the memory of a strided view, from its
+    first element to its last: what a kernel that does its own indexing
+    (with the strides as arguments) is handed, so the dense-memory checks
+    and the CPU tests' guard zones see exactly the bytes it may touch.
+    Needs non-negative strides that are whole elements."""
+    it = view.itemsize
+    if any(s < 0 or s % it for s in view.strides):
+        raise ValueError(f"span(): strides {view.strides} are not whole, non-negative elements")
+    n = 1 + sum((d - 1) * (s // it) for d, s in zip(view.shape, view.strides)) if view.size else 0
+    return cupy.lib.stride_tricks.as_strided(view, shape=(n,), strides=(it,))
+
+
 def ids64(ids):
     """Token ids as a contiguous int64 device array (the kernels read long long)."""
     return cupy.ascontiguousarray(cupy.asarray(ids).reshape(-1), dtype=cupy.int64)
