@@ -145,10 +145,9 @@ def _check_fits(model, B: int, T: int):
     if total is None:
         return
     from .errors import LlmpyError
-    from .model import memory_estimate
 
-    def need(b):
-        return memory_estimate(model.config, b, T, model.dtype, flash=model.dtype != "fp32")["total"]
+    def need(b):   # the model family's own count (GPT-2's or Llama's buffers)
+        return model.memory_estimate(model.config, b, T, model.dtype, flash=model.dtype != "fp32")["total"]
     if need(B) <= total:
         return
     fits = B
