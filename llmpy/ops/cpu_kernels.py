@@ -27,7 +27,13 @@ except ImportError:             # optim.AdamW falls back to cpu.adamw_update
 
 
 if numba is not None:
-    @numba.njit(nogil=True, cache=True)
+    # error_model="numpy": a float division by zero gives inf / nan as in
+    # NumPy (IEEE), instead of numba's default check that raises
+    # ZeroDivisionError; that per-element branch kept LLVM from vectorizing
+    # the loop (scalar vsqrtss / vdivss), and the vector loop moves ~2.5x the
+    # bytes per second (bench/RESULTS.md). IEEE sqrt and division are exact
+    # in either form, so the bits are the same.
+    @numba.njit(nogil=True, cache=True, error_model="numpy")
     def _adamw(param, grad, m, v, c1, c2, gscale, scaled, eps_hat, decay, decayed, step_size, copy_bits, write_copy):
         # All float32: the reference's ufuncs cast their Python-float scalars to
         # float32 (NumPy's rule for a float32 array and a Python scalar), and so
