@@ -56,7 +56,8 @@ class AdamW:
         self.chunks = [(s, min(s + CHUNK, stop), d)
                        for start, stop, d in self.segments for s in range(start, stop, CHUNK)]
         if threads is None:
-            threads = _num_threads()
+            from .ops.cpu_parallel import blas_threads      # as many as NumPy's BLAS uses
+            threads = blas_threads()
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and xp is np else None
         self._scratch = [np.empty((2, CHUNK), dtype=np.float32) for _ in range(self.threads)]
@@ -133,19 +134,6 @@ class AdamW:
     def load_state_dict(self, d):
         self.m[:] = d["m"]
         self.v[:] = d["v"]
-
-
-def _num_threads():
-    try:
-        from threadpoolctl import threadpool_info
-        # NumPy's BLAS; MKL, where --dtype bf16 on the CPU loaded it, runs sequential
-        blas = [i for i in threadpool_info() if i.get("user_api") == "blas" and i.get("internal_api") != "mkl"]
-        if blas:
-            return int(blas[0]["num_threads"])
-    except Exception:
-        pass
-    import os
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def global_norm(model) -> float:

@@ -19,7 +19,7 @@ Two rules make that pay:
   more in hand-off than it gains (measured: 48 of them, 93 ms with 2 BLAS
   threads, 15 ms with 1, on this 2-core machine).
 
-The pool has as many threads as the BLAS uses (optim._num_threads, the same
+The pool has as many threads as the BLAS uses (blas_threads(), the same
 rule as AdamW's pool); with one thread, or little work, a call runs inline.
 Each row's arithmetic is the same whichever thread or block runs it.
 """
@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-
-from ..optim import _num_threads
 
 MIN_PARALLEL = 1 << 15      # floats: below this an op runs on the caller's thread (the hand-off costs more)
 BLOCK = 1 << 16             # floats per block of rows: 256 KB, stays in L2 through the op's passes
@@ -41,11 +39,21 @@ _threads = None
 def threads() -> int:
     global _threads
     if _threads is None:
-        _threads = max(1, _num_threads())
+        _threads = blas_threads()
     return _threads
 
 
 _blas = None           # threadpoolctl's controller of the BLAS library, or False where there is none
+
+
+def blas_threads() -> int:
+    """The threads NumPy's BLAS runs on (its OpenBLAS's setting; MKL, which the
+    CPU bf16 path loads, runs sequential and does not count), else the cores
+    this process may use: the size of the thread pools here and in optim.AdamW."""
+    blas = _blas_controller()
+    if blas:
+        return max(1, int(blas.num_threads))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def _blas_controller():
