@@ -249,17 +249,17 @@ def test_matmul_ops_match_cpu(cuda, gelu, acc):
         assert ("gelu_aux_bias" in kinds and "dgelu" in kinds) == gelu
 
 
-@BOTH_MATMULS
-@pytest.mark.parametrize("shard", [None, (1000, 9000)])
-def test_training_step_matches_cpu(cuda, shard):
-    from llmpy.model import GPT
+def steps_match_cpu(cuda, make, shard=None):
+    """Two AdamW steps of make(device) (a model with vocabulary 200) on each
+    backend from the same init and data: losses and norms within 1e-5,
+    gradients and parameters within 1e-4; parameters outside the shard
+    never move. (Shared with tests/test_cuda_llama.py.)"""
     from llmpy.optim import AdamW, global_norm
-    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
     rng = np.random.default_rng(1)
     ids, targets = rng.integers(0, 200, (2, 24)), rng.integers(0, 200, (2, 24))
     results = []
     for device in ("cpu", "cuda"):
-        model = GPT(cfg, device=device, seed=3)
+        model = make(device)
         assert model.ops is (cuda if device == "cuda" else cpu)
         opt = AdamW(model, weight_decay=0.1, shard=shard)
         out = []
@@ -282,6 +282,14 @@ def test_training_step_matches_cpu(cuda, shard):
             assert rel_err(g_p[name], c_p[name]) <= 1e-4, name
         else:                                      # outside the shard: never updated
             assert not np.any(g_p[name]), name
+
+
+@BOTH_MATMULS
+@pytest.mark.parametrize("shard", [None, (1000, 9000)])
+def test_training_step_matches_cpu(cuda, shard):
+    from llmpy.model import GPT
+    cfg = GPTConfig(block_size=32, vocab_size=200, n_layer=2, n_head=2, n_embd=16)
+    steps_match_cpu(cuda, lambda device: GPT(cfg, device=device, seed=3), shard)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

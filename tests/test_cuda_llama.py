@@ -16,7 +16,7 @@ import pytest
 
 import cudasim
 from llmpy.ops import cpu
-from test_cuda_host import BF16, cuda, rel_err  # noqa: F401  (cuda: the fixture)
+from test_cuda_host import BF16, cuda, rel_err, steps_match_cpu  # noqa: F401  (cuda: the fixture)
 
 pytestmark = pytest.mark.skipif(cudasim.available() is not None, reason=str(cudasim.available()))
 needs_bf16 = pytest.mark.skipif(BF16 is None, reason="bf16 tests need ml_dtypes")
@@ -151,34 +151,12 @@ def _llama_cfg(NKV=2, tied=True, **kw):
 @BOTH_MATMULS
 @pytest.mark.parametrize("NKV,tied", [(2, True), (4, False), (1, True)], ids=["gqa-tied", "mha-untied", "mqa"])
 def test_llama_training_step_matches_cpu(cuda, NKV, tied):
-    # two AdamW steps of the whole model on each backend, from the same init
+    # two AdamW steps of the whole model on each backend, from the same init,
+    # as test_cuda_host holds GPT-2 to (Llama 3.1's rope scaling on)
     from llmpy.llama import Llama
-    from llmpy.optim import AdamW, global_norm
     cfg = _llama_cfg(NKV, tied, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                "original_max_position_embeddings": 16})
-    rng = np.random.default_rng(5)
-    ids, targets = rng.integers(0, 200, (2, 24)), rng.integers(0, 200, (2, 24))
-    results = []
-    for device in ("cpu", "cuda"):
-        model = Llama(cfg, device=device, seed=3)
-        assert model.ops is (cuda if device == "cuda" else cpu)
-        opt = AdamW(model, weight_decay=0.1)
-        out = []
-        for t in (1, 2):
-            model.zero_grad()
-            _, loss = model.forward(ids, targets)
-            model.backward()
-            norm = global_norm(model)
-            opt.step(1e-3, t)
-            out.append((loss, norm))
-        results.append((out, model.grads_dict(), model.state_dict()))
-    (c_out, c_g, c_p), (g_out, g_g, g_p) = results
-    for (cl, cn), (gl, gn) in zip(c_out, g_out):
-        assert abs(gl - cl) <= 1e-5 * abs(cl) and abs(gn - cn) <= 1e-5 * cn
-    for name in c_g:
-        assert rel_err(g_g[name], c_g[name]) <= 1e-4, name
-    for name in c_p:
-        assert rel_err(g_p[name], c_p[name]) <= 1e-4, name
+    steps_match_cpu(cuda, lambda device: Llama(cfg, device=device, seed=3))
 
 
 def test_llama_kv_cache_on_the_cuda_backend(cuda):
