@@ -1,9 +1,10 @@
-"""llmpy: GPT-2 training in plain Python (NumPy) and hand-written CUDA.
+"""llmpy: GPT-2 and Llama 3 training in plain Python (NumPy) and hand-written CUDA.
 
     import llmpy
     model = llmpy.GPT(llmpy.GPTConfig(n_layer=2, n_head=2, n_embd=128))
     logits, loss = model.forward(ids, targets)
     model.backward()
+    llama = llmpy.load("Llama-3.2-1B")      # a Hugging Face directory: a GPT or a Llama, by its config.json
 """
 import os
 import sys
@@ -21,16 +22,19 @@ if "numpy" not in sys.modules:
 from . import families  # noqa: E402
 from .config import GPTConfig, preset  # noqa: E402
 from .errors import LlmpyError  # noqa: E402
+from .llama import Llama  # noqa: E402
 from .model import GPT  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "LlmpyError", "Tokenizer", "load", "preset"]
+__all__ = ["GPT", "GPTConfig", "Llama", "LlmpyError", "Tokenizer", "load", "preset"]
 
 
-def load(path, device: str = "cpu") -> GPT:
-    """Load a GPT-2 model: a Hugging Face directory (config.json + model.safetensors,
-    or pytorch_model.bin with torch installed), an llm.c .bin model file, or a
-    Hugging Face hub name such as "gpt2" (downloaded when online)."""
+def load(path, device: str = "cpu") -> GPT | Llama:
+    """Load a model: a Hugging Face directory (config.json + model.safetensors,
+    a sharded checkpoint, or pytorch_model.bin with torch installed), a GPT
+    or a Llama by config.json's model_type; an llm.c .bin model file (a GPT);
+    or a Hugging Face hub name such as "gpt2" or "meta-llama/Llama-3.2-1B"
+    (downloaded when online). See families.load."""
     return families.load(path, device=device)
 
 

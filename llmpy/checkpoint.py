@@ -1,11 +1,14 @@
 """Training checkpoints: what an exact resume needs, written so a crash cannot lose it.
 
-A checkpoint directory is a Hugging Face GPT-2 directory (config.json +
-model.safetensors, written by formats.save_model; see formats/hf.py), so
-`transformers.GPT2LMHeadModel.from_pretrained(dir)` loads it as it is. Beside
+A checkpoint directory is a Hugging Face GPT-2 or Llama directory
+(config.json + model.safetensors, written by formats.save_model; see
+formats/hf.py, hf_llama.py), so transformers' `from_pretrained(dir)` loads it
+as it is. Beside
 it, a training checkpoint keeps what an exact resume needs: AdamW's m and v
-(optimizer.safetensors) and train_state.json (step, data position, flags), and
-a manifest.json, written last, with the size and sha256 of every file.
+(optimizer.safetensors) and train_state.json (step, data position, flags), a
+copy of the run's tokenizer.json when it has one (a Llama's: so that `llmpy
+sample` and `--resume` decode with it), and a manifest.json, written last,
+with the size and sha256 of every file.
 
 Every write is atomic: files are written under a temporary name, fsynced and
 renamed; a checkpoint directory is built under a temporary name and renamed
@@ -27,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LlmpyError
-from .fileio import (atomic_write_json, atomic_write_safetensors, fsync_dir, make_temp_dir, read_json_object,
-                     sha256_file, slow_write_hook)
+from .fileio import (atomic_write_bytes, atomic_write_json, atomic_write_safetensors, fsync_dir, make_temp_dir,
+                     read_json_object, sha256_file, slow_write_hook)
 from .formats import save_model
 from .formats.hf import check_float_tensors, read_safetensors
 
@@ -37,16 +40,18 @@ CKPT_PREFIX = "ckpt_"
 # ---------------------------------------------------------------------- what the training loop calls
 
 
-def save(out, step: int, model, optimizer, loader, comm, train_config: dict, keep: int, extra: dict | None = None):
+def save(out, step: int, model, optimizer, loader, comm, train_config: dict, keep: int, extra: dict | None = None,
+         files: dict | None = None):
     """The training loop's checkpoint after `step`: every rank calls this.
     train_state.json records the data position, the flags, the world and
-    `extra` (the loop's own state)."""
+    `extra` (the loop's own state); `files` (name -> bytes: the run's
+    tokenizer) are written beside the model."""
     state = {"loader": loader.state_dict(), "train_config": train_config, "model_config": model.config.to_dict(),
              "world_size": comm.world_size, "zero_stage": 0 if optimizer.shard is None else 1, **(extra or {})}
     if optimizer.shard is not None:         # ZeRO-1: every rank writes its slice of AdamW's state
-        save_training_checkpoint(out, step, model, optimizer, state, keep=keep, comm=comm)
+        save_training_checkpoint(out, step, model, optimizer, state, keep=keep, comm=comm, files=files)
     elif comm.rank == 0:                    # otherwise every rank holds the same state: rank 0 writes it
-        save_training_checkpoint(out, step, model, optimizer, state, keep=keep)
+        save_training_checkpoint(out, step, model, optimizer, state, keep=keep, files=files)
     comm.barrier()
 
 
@@ -140,9 +145,10 @@ def restore(path: Path, model, optimizer, loader, comm, log) -> dict:
 
 
 def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: dict, keep: int = 0,
-                             comm=None) -> Path:
+                             comm=None, files: dict | None = None) -> Path:
     """out_dir/ckpt_<step>/ with the model (HF), optimizer state, train_state.json
-    and manifest.json. Built under a temporary name and renamed into place.
+    and manifest.json, and `files` (name -> bytes). Built under a temporary
+    name and renamed into place.
 
     With a communicator and a sharded optimizer (ZeRO-1) every rank calls this:
     each rank writes its own slice of AdamW's state (optimizer.rank<r>.safetensors),
@@ -188,6 +194,8 @@ def save_training_checkpoint(out_dir, step: int, model, optimizer, train_state: 
         else:
             atomic_write_safetensors(tmp / "optimizer.safetensors", {"m": host(optimizer.m), "v": host(optimizer.v)})
         save_model(model, tmp)
+        for name, data in (files or {}).items():
+            atomic_write_bytes(tmp / name, data)
         slow_write_hook()
         atomic_write_json(tmp / "train_state.json", dict(train_state, step=step))
         files = sorted(p.name for p in tmp.iterdir())

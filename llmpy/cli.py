@@ -120,9 +120,13 @@ def _prepare(args):
 # ---------------------------------------------------------------------- train
 
 def _train_parser(sub):
-    p = sub.add_parser("train", help="train a GPT-2 model (no flags: a small model on the embedded pydoc corpus)",
-                       description="Train a GPT-2 model. Every flag is optional: with none, the d4 preset "
-                                   "trains for 400 steps on the embedded pydoc corpus.")
+    p = sub.add_parser("train", help="train a GPT-2 or Llama model (no flags: a small GPT-2 on the embedded pydoc "
+                                     "corpus)",
+                       description="Train a GPT-2 or Llama model. Every flag is optional: with none, the d4 preset "
+                                   "trains for 400 steps on the embedded pydoc corpus. Fine-tuning a Llama "
+                                   "directory: prepare the text with its tokenizer (llmpy prepare FILES "
+                                   "--tokenizer DIR), then --model DIR; the samples decode with DIR's "
+                                   "tokenizer.json, which every checkpoint copies.")
     TrainConfig.add_arguments(p)
 
 
@@ -139,7 +143,8 @@ def _sample_parser(sub):
                                    "checkpoint that verifies), a checkpoint or Hugging Face model directory, "
                                    "an llm.c .bin, or a hub name such as gpt2.")
     p.add_argument("ckpt", metavar="MODEL")
-    p.add_argument("--prompt", default=None, help="text to continue (default: start from <|endoftext|>)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue (default: start from the tokenizer's end-of-text token)")
     p.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from a UTF-8 file, as is")
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate per sample (>= 0)")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples, sample i from seed + i")
@@ -149,13 +154,16 @@ def _sample_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="recompute the whole context for every token instead of using the KV cache")
+    p.add_argument("--tokenizer", default=None, metavar="TOK",
+                   help="a tokenizer.json, or a directory holding one (default: the model directory's "
+                        "tokenizer.json, else GPT-2's for GPT-2's vocabulary)")
     p.add_argument("--device", default="cpu", choices=DEVICES)
 
 
 def _sample(args):
-    from . import load
-    from .data.tokenizer import Tokenizer
-    from .inference import check_sampling, generate, resolve_model
+    from .data.hf_tokenizer import decode_sampled, model_tokenizer
+    from .families import load, locate
+    from .inference import check_sampling, end_ids, generate, resolve_model
     check_sampling(args.temperature, args.top_k, args.top_p, args.tokens)
     if args.num_samples < 1:
         raise LlmpyError(f"--num-samples {args.num_samples}: must be >= 1")
@@ -171,8 +179,13 @@ def _sample(args):
             raise LlmpyError(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start}); "
                              "save it as UTF-8") from None
     say = lambda text: print(f"llmpy sample: {text}", file=sys.stderr, flush=True)  # noqa: E731
-    model = load(resolve_model(args.ckpt, say)[0], device=args.device)
-    tok = Tokenizer()
+    path = locate(resolve_model(args.ckpt, say)[0])
+    model = load(path, device=args.device)
+    tok, what = model_tokenizer(model.config.vocab_size, args.tokenizer, path if path.is_dir() else None)
+    if tok is None:
+        raise LlmpyError(f"{args.ckpt}: {what} (no tokenizer.json beside the model, and not GPT-2's); pass "
+                         "--tokenizer TOK, the tokenizer.json its data was prepared with")
+    eot = end_ids(model.config, tok)          # config.json's eos_token_id, else the tokenizer's
     prompt_ids = tok.encode(prompt) if prompt else [tok.eot]
     for i in range(args.num_samples):
         bar = None
@@ -180,12 +193,12 @@ def _sample(args):
             from tqdm import tqdm
             bar = tqdm(total=args.tokens, unit="token", file=sys.stderr, leave=False, dynamic_ncols=True)
         ids = generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, args.top_p, args.seed + i,
-                       tok.eot, use_cache=args.use_cache, progress=None if bar is None else bar.update)
+                       eot, use_cache=args.use_cache, progress=None if bar is None else bar.update)
         if bar is not None:
             bar.close()
         if args.num_samples > 1:
             print(f"--- sample {i + 1}/{args.num_samples} (seed {args.seed + i}) ---")
-        print(prompt + tok.decode(ids), flush=True)
+        print(prompt + decode_sampled(tok, ids), flush=True)
 
 
 # ---------------------------------------------------------------------- eval
@@ -236,6 +249,7 @@ def _eval(args):
         if T > model.config.block_size:
             raise LlmpyError(f"--seq-len {T} exceeds the model's block size {model.config.block_size}")
         loader = DataLoader(args.data, B, T, shuffle=False)
+        loader.check_vocab(model.config.vocab_size, args.ckpt)    # another tokenizer's ids: one line, not an IndexError
         n = evals.batches_per_pass(loader) if args.steps is None else min(args.steps, evals.batches_per_pass(loader))
         if args.steps is not None and args.steps > n:
             say(f"note: --steps {args.steps} is more than one pass over {args.data} ({n} batches of B={B} T={T}); "

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import LlmpyError
+from .llama_layout import PRESETS as LLAMA_PRESETS
 
 
 @dataclass(frozen=True)
@@ -131,10 +132,16 @@ class TrainConfig:
                              metavar="PATTERN")
     val_data: str | None = _flag(None, "glob of val shards", default_text="pydoc's val split with the default "
                                  "data, else no validation", metavar="PATTERN")
-    model: str = _flag("d4", f"{PRESET_FORMS}: random init from --seed; {', '.join(_HF_NAMES)}: "
+    model: str = _flag("d4", f"{PRESET_FORMS}: random init from --seed; {', '.join(LLAMA_PRESETS)}: a random "
+                       f"Llama 3 from --seed; {', '.join(_HF_NAMES)}: "
                        "OpenAI's pretrained weights (downloaded once by huggingface_hub, then read from its "
-                       "cache, HF_HUB_CACHE); a path: the weights of a Hugging Face model directory or an llm.c "
-                       ".bin model (fine-tuning)", metavar="NAME|PATH")
+                       "cache, HF_HUB_CACHE); a path: the weights of a Hugging Face model directory (GPT-2 or "
+                       "Llama) or an llm.c .bin model (fine-tuning)", metavar="NAME|PATH")
+    tokenizer: str | None = _flag(None, "the tokenizer.json (or a directory holding one) that turns the model's ids "
+                                  "into text: the periodic samples, and a copy in every checkpoint; the one the "
+                                  "data was prepared with (llmpy prepare --tokenizer)",
+                                  default_text="the --model directory's tokenizer.json, else GPT-2's for GPT-2's "
+                                  "vocabulary, else none and no samples", metavar="TOK")
     device: str = _flag("cpu", "where the step runs", choices=DEVICES)
     dtype: str = _flag("fp32", "fp32, or bf16 mixed precision (fp32 master weights; on the CPU bf16 matmul "
                        "inputs through Intel MKL: pip install 'llmpy[cpu-bf16]', pays with AMX)",
@@ -266,11 +273,12 @@ class TrainConfig:
 
     # --resume: flags a run does not remember (where it is, how it is shown,
     # when this invocation stops, how this invocation's ranks share the work:
-    # a resume with another world re-cuts the state, see checkpoint.restore),
+    # a resume with another world re-cuts the state, see checkpoint.restore;
+    # the tokenizer: every checkpoint holds a copy of it, read on resume),
     # and flags whose change makes the resumed run differ from one that never
     # stopped (the batches it sees)
     NOT_REMEMBERED = frozenset({"resume", "overwrite", "out", "stop_at", "progress", "log_every", "zero_stage",
-                                "dist", "dist_timeout"})
+                                "dist", "dist_timeout", "tokenizer"})
     BITWISE = frozenset({"batch_size", "seq_len", "total_batch_size", "data", "seed", "overfit_batch"})
 
     def resumed(self, saved: dict, given: set[str]) -> tuple["TrainConfig", list[str]]:

@@ -81,6 +81,15 @@ def build(spec: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0, se
     return model, f"pretrained weights from {where}"
 
 
+def build_dir(spec: str) -> Path | None:
+    """The directory build(spec) reads its weights from (a Hugging Face
+    directory; its tokenizer.json is the model's); None for a preset, a hub
+    name or an llm.c file, whatever the working directory holds."""
+    if spec in hf.HF_HUB_NAMES or is_preset(spec) or llama_layout.is_preset(spec) or not Path(spec).is_dir():
+        return None
+    return Path(spec)
+
+
 def load(path, device: str = "cpu", dtype: str = "fp32"):
     """A model from a Hugging Face directory (config.json + model.safetensors,
     a sharded checkpoint (Llama), or pytorch_model.bin when torch is
@@ -88,14 +97,20 @@ def load(path, device: str = "cpu", dtype: str = "fp32"):
     file (a GPT); or a Hugging Face hub name such as "gpt2" (downloaded when
     online). Every file is checked against the config before the model is
     allocated."""
-    spec = str(path)
-    path = Path(path)
-    if not path.exists():
-        if not hf.is_hub_name(spec):
-            raise LlmpyError(f"{path}: no such model directory or file; pass a directory with config.json + "
-                             f"model.safetensors, an llm.c .bin file, or a hub name ({', '.join(hf.HF_HUB_NAMES)})")
-        path = hf.from_hub(spec)
-    return _read(path, device, dtype)
+    return _read(locate(path), device, dtype)
+
+
+def locate(spec) -> Path:
+    """The local file or directory of a model: `spec` itself, or the snapshot
+    of a hub name (downloaded when online), where its tokenizer.json is too."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    if not hf.is_hub_name(str(spec)):
+        raise LlmpyError(f"{path}: no such model directory or file; pass a directory with config.json + "
+                         f"model.safetensors, an llm.c .bin file, or a hub name ({', '.join(hf.HF_HUB_NAMES)}, or "
+                         "OWNER/NAME such as meta-llama/Llama-3.2-1B)")
+    return hf.from_hub(str(spec))
 
 
 def _read(path: Path, device: str, dtype: str):

@@ -57,6 +57,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import LlmpyError
+from .formats.hf import GPT2_EOT_ID, GPT2_VOCAB_SIZE
 from .llama import Llama
 from .model import GPT
 from .ops.shared import split_heads
@@ -290,16 +291,41 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens):
         raise LlmpyError(f"--tokens {max_new_tokens}: the number of tokens to sample must be an integer >= 0")
 
 
+def end_ids(config, tokenizer=None) -> tuple[int, ...]:
+    """The ids that end a text for a model of this config: its config.json's
+    eos_token_id (a Llama's: one id or several), else the end-of-text token
+    of the tokenizer its data was made with, else GPT-2's <|endoftext|> for
+    GPT-2's vocabulary (either family); () when none is known."""
+    ids = getattr(config, "eos_ids", ())         # (GPTConfig has none: GPT-2's is fixed)
+    if ids:
+        return ids
+    if tokenizer is not None:
+        return (tokenizer.eot,)
+    return (GPT2_EOT_ID,) if config.vocab_size == GPT2_VOCAB_SIZE else ()
+
+
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             seed=0, eot=50256, stop_at_eot=True, use_cache=True, progress=None) -> list[int]:
+             seed=0, eot=None, stop_at_eot=True, use_cache=True, progress=None) -> list[int]:
     """Token ids that continue prompt_ids (the prompt not included). Stops after
-    max_new_tokens, or before an <|endoftext|> (eot) when stop_at_eot. An
-    empty prompt starts from <|endoftext|>, as GPT-2 was trained. Past the
-    context the window moves by half of it (module docstring). progress, if
-    given, is called with no argument after each new token."""
+    max_new_tokens, or before an end-of-text token when stop_at_eot: eot is
+    one id or several, None the model's own (end_ids: config.json's
+    eos_token_id; GPT-2's <|endoftext|>, 50256, for GPT-2's vocabulary). An
+    empty prompt starts from the (first) end-of-text token, as GPT-2 was
+    trained and as llmpy's shards separate documents. Past the context the
+    window moves by half of it (module docstring). progress, if given, is
+    called with no argument after each new token."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if eot is None:
+        ends = end_ids(model.config)
+    else:
+        ends = (int(eot),) if np.ndim(eot) == 0 else tuple(map(int, eot))
+    ctx = list(prompt_ids)
+    if not ctx:
+        if not ends:
+            raise LlmpyError(f"an empty prompt starts from the end-of-text token, but none is known for this "
+                             f"model's vocabulary of {model.config.vocab_size:,} ids; give a prompt, or eot=")
+        ctx = [ends[0]]
     rng = np.random.default_rng(seed)
-    ctx = list(prompt_ids) or [eot]
     out = []
     if max_new_tokens == 0:
         return out
@@ -314,7 +340,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
         if len(ctx) - start > block:                # the window is full: keep its last half
             start = len(ctx) - keep
         tok = sample_next(last_logits(ctx, start), rng, temperature, top_k, top_p)
-        if stop_at_eot and tok == eot:
+        if stop_at_eot and tok in ends:
             break
         ctx.append(tok)
         out.append(tok)

@@ -39,6 +39,12 @@ class LlamaConfig:
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    # config.json's bos_token_id and eos_token_id (an id, or several: Llama 3
+    # Instruct ends a turn at any of three), kept so that a fine-tune's
+    # checkpoint says what the model it came from said; None: not known
+    # (a random init: the tokenizer the data was made with decides)
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     @property
     def hs(self) -> int:
@@ -49,6 +55,12 @@ class LlamaConfig:
     def qkv_size(self) -> int:
         """Width of the fused q, k, v projection: (NH + 2 NKV) hs."""
         return (self.n_head + 2 * self.n_kv_head) * self.hs
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a text, per config.json (none when not known)."""
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else eos
 
     @property
     def padded_vocab_size(self) -> int:
@@ -68,6 +80,13 @@ class LlamaConfig:
                              "give head_dim, or pick n_embd as a multiple of n_head")
         if self.hs % 2:
             raise LlmpyError(f"LlamaConfig: head size {self.hs} is odd; rotary embeddings rotate pairs of channels")
+        if isinstance(self.eos_token_id, list):       # config.json's list, kept immutable as a tuple
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name, several in (("bos_token_id", False), ("eos_token_id", True)):
+            if not _token_ids_ok(getattr(self, name), several):
+                raise LlmpyError(f"LlamaConfig.{name} must be a token id (an integer >= 0)"
+                                 f"{', a non-empty list of them' if several else ''} or null, "
+                                 f"got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             want = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             missing = want - set(self.rope_scaling)
@@ -76,6 +95,12 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _token_ids_ok(value, several: bool) -> bool:
+    """None, an id (an int >= 0, not a bool), or (several) a non-empty tuple of ids."""
+    ids = value if several and isinstance(value, tuple) and value else (value,)
+    return value is None or all(type(i) is int and i >= 0 for i in ids)
 
 
 # Llama 3.1 / 3.2's rope scaling (their config.json's rope_scaling).

@@ -45,7 +45,6 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     value of every other one. None (the Python API): the fields that differ
     from TrainConfig's defaults."""
     from .data.shards import DataLoader
-    from .data.tokenizer import Tokenizer
     tc.check()
     get_backend(tc.device, tc.dtype)    # one line now if it cannot run here, before --out is touched
     if given is None:
@@ -74,6 +73,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
         init = f"resumed from {resume_from}"
     else:
         model, init = families.build(tc.model, tc.device, tc.dtype, tc.seed, tc.seq_len)
+    tokenizer, tokenizer_files, samples_note = run_tokenizer(tc, model, resume_from)
     if tc.tf32:                 # (before any matmul plan is made: plans keep their compute type)
         model.ops.matmul.use_tf32(True)
     comm.broadcast(model.params.flat, root=0)      # every rank starts from rank 0's weights
@@ -112,6 +112,8 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
         f"B={tc.batch_size} T={tc.seq_len} accum={accum}{ranks} ({tokens_per_step} tokens/step), "
         f"steps {start}->{tc.steps}, data {train_pattern} ({loader.num_tokens:,} tokens), out {out}")
     say(f"init: {init}")
+    say(samples_note)
+    samples = root and tokenizer is not None       # (rank 0 prints them, if any tokenizer can decode them)
     if val_loader is None and root:
         say("no val data (--val-data not given): the val loss is not measured")
     peak_flops, peak_how = _peak_flops(tc) if root else (None, "")
@@ -119,7 +121,6 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     if root:
         say(f"mfu: model FLOPs (6N + 12LTC per token) over {peak_how}")
     run = RunLog(out, start, last, tc.steps, tc.progress, tc.log_every or max(1, tc.steps // 20), quiet=not root)
-    tokenizer = Tokenizer()        # for the samples
     loss = val_loss = float("nan")
     first_batch = None
     try:
@@ -147,7 +148,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
                     if tc.hellaswag and root and (step % tc.hellaswag_every == 0 or step == tc.steps):
                         rec["hellaswag_acc_norm"] = evals.hellaswag(model, tc.hellaswag, tc.hellaswag_limit)["acc_norm"]
                     run.record(rec)
-                    if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps and root:
+                    if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps and samples:
                         run.print(f"--- sample at step {step} ---\n"
                                   f"{sample_text(model, tokenizer, tc.sample_tokens, step)}\n---")
                 else:
@@ -163,7 +164,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
                 interrupted = stop.agreed(comm)
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == last or interrupted:
                     ckpt.save(out, step, model, optimizer, loader, comm, tc.to_dict(), tc.keep,
-                              extra={"outliers": outliers.state_dict()})
+                              extra={"outliers": outliers.state_dict()}, files=tokenizer_files)
                     run.plot()
                 if interrupted:
                     raise Interrupted(f"{stop.name} at step {step}: checkpoint {out / f'{ckpt.CKPT_PREFIX}{step:08d}'}"
@@ -180,7 +181,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     run.plot()
     if run.records:
         summary["first_loss"] = run.records[0]["loss"]
-    if last == tc.steps and last > start:
+    if last == tc.steps and last > start and samples:
         text = sample_text(model, tokenizer, tc.sample_tokens * 2, tc.seed)
         print(f"--- sample after {last} steps ---\n{text}\n---", flush=True)
         summary["sample"] = text
@@ -349,10 +350,31 @@ def grad_accum_steps(tc: TrainConfig, world_size: int = 1) -> int:
     return total // per_step
 
 
+def run_tokenizer(tc: TrainConfig, model, resume_from: Path | None):
+    """(the tokenizer of this run's samples or None, {name: bytes} of its
+    files for every checkpoint, the line that says which): --tokenizer, else
+    the tokenizer.json of the directory the weights come from (--model DIR;
+    on resume the checkpoint, which holds the run's copy), else GPT-2's for
+    GPT-2's vocabulary (hf_tokenizer.model_tokenizer). Read once: a
+    checkpoint never depends on a file that may have moved since the start."""
+    from .data.hf_tokenizer import model_tokenizer
+    source = resume_from if resume_from is not None else families.build_dir(tc.model)
+    tokenizer, what = model_tokenizer(model.config.vocab_size, tc.tokenizer, source)
+    if tokenizer is None:
+        return None, {}, (f"samples: none ({what}; --tokenizer TOK, the tokenizer.json the data was prepared "
+                          "with, decodes them)")
+    files = {name: path.read_bytes() for name, path in tokenizer.files().items()}
+    return tokenizer, files, f"samples: decoded with {what}"
+
+
 def sample_text(model, tokenizer, n_tokens: int, seed: int) -> str:
-    from .inference import generate
-    ids = generate(model, [tokenizer.eot], n_tokens, temperature=1.0, top_k=40, seed=seed)
-    return tokenizer.decode(ids)
+    """A sample from the start of a document (the tokenizer's end-of-text
+    token, as the shards separate documents) to the model's end of text."""
+    from .data.hf_tokenizer import decode_sampled
+    from .inference import end_ids, generate
+    ids = generate(model, [tokenizer.eot], n_tokens, temperature=1.0, top_k=40, seed=seed,
+                   eot=end_ids(model.config, tokenizer))
+    return decode_sampled(tokenizer, ids)
 
 
 def _test_hooks(step: int, comm):

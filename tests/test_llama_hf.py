@@ -15,6 +15,7 @@ the reference runs in float64 on the same weights, llmpy in float32.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -39,7 +40,7 @@ CASES = {
                                    intermediate_size=48, rope_theta=10000.0, rope_scaling=SCALING),
     "untied-headdim16": LlamaConfig(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=1, n_embd=32,
                                     intermediate_size=40, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6,
-                                    tie_word_embeddings=False),
+                                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=(2, 3)),
 }
 
 
@@ -195,7 +196,10 @@ def test_meta_llama32_1b_config_json_is_the_preset(tmp_path):
             "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
             "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256}
     (tmp_path / "config.json").write_text(json.dumps(meta))
-    assert hf_llama.read_hf_config(tmp_path / "config.json") == preset("llama3.2-1b")
+    cfg = hf_llama.read_hf_config(tmp_path / "config.json")
+    # the shape is the preset's; the token ids are the file's (a random preset knows none)
+    assert cfg == dataclasses.replace(preset("llama3.2-1b"), bos_token_id=128000, eos_token_id=128001)
+    assert cfg.eos_ids == (128001,) and preset("llama3.2-1b").eos_ids == ()
 
 
 def test_build_llama_preset():
@@ -230,6 +234,10 @@ BAD_CONFIGS = {
                           ["rope_scaling.low_freq_factor"]),
     "biases": (dict(attention_bias=True), "config.json", ["attention_bias"]),
     "tie-string": (dict(tie_word_embeddings="yes"), "config.json", ["tie_word_embeddings"]),
+    "eos-string": (dict(eos_token_id="</s>"), "config.json", ["eos_token_id", "'</s>'"]),
+    "eos-empty-list": (dict(eos_token_id=[]), "config.json", ["eos_token_id", "non-empty list"]),
+    "eos-negative": (dict(eos_token_id=[2, -1]), "config.json", ["eos_token_id", "-1"]),
+    "bos-list": (dict(bos_token_id=[1, 2]), "config.json", ["bos_token_id"]),
     # the config against the weights, before the model is allocated
     "more-layers": (dict(num_hidden_layers=3), "model.safetensors", ["missing tensor", "model.layers.2."]),
     "fewer-layers": (dict(num_hidden_layers=1), "model.safetensors", ["model.layers.1", "num_hidden_layers 1"]),

@@ -20,6 +20,9 @@ keeps "eos_token" in tokenizer_config.json), so `eot` is the first special
 added token with one of the usual names (_EOT_NAMES), or the name passed as
 eot_text. llm.c's own Llama 3 shards start each document with
 <|begin_of_text|> instead; pass eot_text="<|begin_of_text|>" to match them.
+
+model_tokenizer below picks a model's tokenizer (this one or GPT-2's) for
+the commands that turn its ids into text: train's samples, `llmpy sample`.
 """
 from __future__ import annotations
 
@@ -86,3 +89,62 @@ class HFTokenizer:
             raise LlmpyError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) "
                              f"of {self.path}")
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def files(self) -> dict[str, Path]:
+        """name -> file of what a model directory needs to carry this tokenizer:
+        tokenizer.json, and beside it (a model's tokenizer.json, not a file of
+        another name) tokenizer_config.json and special_tokens_map.json when
+        there, which tell transformers the special tokens."""
+        out = {"tokenizer.json": self.path}
+        if self.path.name == "tokenizer.json":
+            for name in _COMPANIONS:
+                if (self.path.parent / name).is_file():
+                    out[name] = self.path.parent / name
+        return out
+
+
+_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+# ---------------------------------------------------------------------- a model's tokenizer
+
+def model_tokenizer(vocab_size: int, tokenizer=None, model_dir=None):
+    """(the tokenizer that turns a model's ids into text, or None; what it
+    is, for a message), for `llmpy train`'s samples and `llmpy sample`:
+
+        tokenizer given        that tokenizer.json (or a directory holding one)
+        else model_dir's       the tokenizer.json of the model's directory (a
+                               Llama from the hub, a checkpoint of such a run)
+        else GPT-2's           for a model over GPT-2's vocabulary (50,257)
+        else None              no tokenizer known for this vocabulary
+
+    A tokenizer with more ids than the model's vocabulary is refused: it
+    cannot be the one the model's data was made with."""
+    from ..formats.hf import GPT2_VOCAB_SIZE
+    if tokenizer is None and model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
+        tokenizer = model_dir
+    if tokenizer is None:
+        if vocab_size != GPT2_VOCAB_SIZE:
+            return None, f"no tokenizer for a vocabulary of {vocab_size:,} ids"
+        from .tokenizer import Tokenizer
+        return Tokenizer(), "GPT-2's tokenizer"
+    tok = HFTokenizer(tokenizer)
+    if tok.vocab_size > vocab_size:
+        raise LlmpyError(f"{tok.path}: a tokenizer of {tok.vocab_size:,} ids, but the model's vocabulary has "
+                         f"{vocab_size:,}: not this model's tokenizer; pass --tokenizer TOK, the tokenizer.json its "
+                         "data was prepared with")
+    return tok, f"{tok.path} ({tok.vocab_size:,} ids)"
+
+
+def decode_sampled(tokenizer, ids) -> str:
+    """Text of sampled ids. A model with more ids than its tokenizer
+    (llama3-tiny's 50,257 over a smaller tokenizer.json) can sample one the
+    tokenizer lacks: it shows as <|id N|>, never as another token's text."""
+    text, run = [], []
+    for i in map(int, ids):
+        if i < tokenizer.vocab_size:
+            run.append(i)
+        else:
+            text += [tokenizer.decode(run), f"<|id {i}|>"]
+            run = []
+    return "".join(text) + tokenizer.decode(run)

@@ -155,8 +155,9 @@ class DataLoader:
             top = int(s.max()) if s.size else -1
             if top >= vocab_size:
                 raise LlmpyError(f"token shard {f} holds token id {top:,}, but model {model} has a vocabulary of "
-                                 f"{vocab_size:,} ids; train a model with that tokenizer's vocabulary "
-                                 "(--model), or prepare the data with the model's tokenizer")
+                                 f"{vocab_size:,} ids; prepare the data with the model's tokenizer (llmpy "
+                                 "prepare FILES --tokenizer DIR, DIR holding its tokenizer.json), or use a "
+                                 "model of that tokenizer's vocabulary (--model)")
 
     # --- state -------------------------------------------------------------
 

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -159,10 +160,15 @@ def prepare_text(paths, out_dir=None, name: str | None = None, field: str = "tex
 
 
 def _model_flag(tok: HFTokenizer | None) -> str:
-    """`--model P ` for the smallest Llama preset whose vocabulary holds the tokenizer's
-    ids (train's default GPT-2 model has only GPT-2's); none for GPT-2's tokenizer."""
+    """`--model DIR ` for a tokenizer of a model directory (DIR has a
+    config.json: the model to fine-tune, whose samples then decode with it),
+    else `--model P ` for the smallest Llama preset whose vocabulary holds the
+    tokenizer's ids (train's default GPT-2 model has only GPT-2's); none for
+    GPT-2's tokenizer."""
     if tok is None:
         return ""
+    if tok.path.name == "tokenizer.json" and (tok.path.parent / "config.json").is_file():
+        return f"--model {shlex.quote(str(tok.path.parent))} "
     from ..llama_layout import PRESETS
     fits = [p for p, cfg in PRESETS.items() if cfg.vocab_size >= tok.vocab_size]
     return f"--model {fits[0]} " if fits else f"--model MODEL (a model of >= {tok.vocab_size:,} ids) "

@@ -141,7 +141,12 @@ class Tokenizer:
     def __init__(self):
         self._enc = _encoding()
         self.eot = EOT
-        self.n_vocab = N_VOCAB
+        self.n_vocab = self.vocab_size = N_VOCAB      # (vocab_size: HFTokenizer's name for it)
+
+    def files(self) -> dict:
+        """None to copy into a model directory: formats/hf.py writes GPT-2's
+        tokenizer files into every GPT-2 directory itself (text_model_files)."""
+        return {}
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of `text`.

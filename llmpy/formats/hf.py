@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 directories: config.json + model.safetensors.
+"""Hugging Face GPT-2 directories: config.json + model.safetensors; and hub downloads (any family).
 
 Such a directory is what `transformers.GPT2LMHeadModel.save_pretrained` writes
 and `from_pretrained` reads: config.json holds the shape, model.safetensors
@@ -11,8 +11,9 @@ generation_config.json (so that `AutoTokenizer.from_pretrained(dir)` and
 `pipeline("text-generation", model=dir)` work on the directory as it is),
 each atomically (fileio.py). Read here besides: bfloat16 safetensors (by the
 file's format, NumPy having no bfloat16), pytorch_model.bin (with torch
-installed) and hub names, downloaded (or found in the local cache) by
-huggingface_hub.
+installed); and hub names of either family, downloaded (or found in the
+local cache) by huggingface_hub: config.json, the weights in one file or
+sharded, the tokenizer files (HUB_FILES).
 
 Every reader checks what it reads against the file and against the config
 before anything of the config's size is allocated, and fails with one
@@ -345,8 +346,20 @@ def is_hub_name(spec: str) -> bool:
     return spec in HF_HUB_NAMES or ("/" in spec and bool(_REPO_ID.match(spec)))
 
 
+# What from_hub fetches of a repository: the config; the weights as one file
+# or as an index and its shards (what save_pretrained writes past
+# max_shard_size: Llama 3.1 8B's four model-0000K-of-00004.safetensors); the
+# tokenizer (a Llama's tokenizer.json, which `llmpy sample` then encodes and
+# decodes with). Nothing else: no pytorch_model.bin, TF or Flax copies of the same
+# weights, no Meta original/ checkpoint. (A repository holding both one file
+# and shards, which transformers never writes, would bring both.)
+HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
 def from_hub(name: str) -> Path:
-    """Download (or find in the local cache) a GPT-2 model from the Hugging Face hub."""
+    """The local snapshot of a GPT-2 or Llama model on the Hugging Face hub
+    (HUB_FILES of it), downloaded by huggingface_hub, or found in its cache."""
     need_local = (f"{name}: not a local model; pass a directory with config.json + model.safetensors "
                   f"(or an llm.c .bin file)")
     try:
@@ -354,18 +367,22 @@ def from_hub(name: str) -> Path:
     except ImportError:
         raise LlmpyError(f"{need_local}; downloading {name!r} from the hub needs `pip install huggingface_hub`") from None
     try:
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:          # older huggingface_hub: no specific reasons, only the generic one
-        LocalEntryNotFoundError = RepositoryNotFoundError = ()
+        GatedRepoError = LocalEntryNotFoundError = RepositoryNotFoundError = ()
+    from huggingface_hub import constants
     try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError:
-        from huggingface_hub import constants
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network, or the hub is down"
         raise LlmpyError(f"{name}: not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub is not "
                          f"reachable ({why}); run once with network and without HF_HUB_OFFLINE to download it, "
                          "point HF_HUB_CACHE (or HF_HOME) at a cache that has it, or pass a local model "
                          "directory or llm.c .bin file") from None
+    except GatedRepoError:       # (a RepositoryNotFoundError too: first) Meta's Llama repositories are gated
+        raise LlmpyError(f"{name}: the Hugging Face hub lets only approved users download it; accept its "
+                         f"license at {constants.ENDPOINT}/{name}, log in (`hf auth login`, or set HF_TOKEN) "
+                         "and run again, or pass a local model directory") from None
     except RepositoryNotFoundError:
         raise LlmpyError(f"{need_local}; the Hugging Face hub has no model {name!r}") from None
     except Exception as e:      # network trouble of any kind: one line for the user

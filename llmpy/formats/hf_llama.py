@@ -57,10 +57,11 @@ def hf_config(cfg: LlamaConfig) -> dict:
         "mlp_bias": False,
         "initializer_range": 0.02,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        # LlamaConfig knows no tokenizer; null keeps transformers from
-        # claiming its defaults (1 and 2, Llama 2's ids) for this vocabulary
-        "bos_token_id": None,
-        "eos_token_id": None,
+        # the ids of the config.json the model came from; null (not known)
+        # keeps transformers from claiming its defaults (1 and 2, Llama 2's
+        # ids) for this vocabulary
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
         "torch_dtype": "float32",
     }
     if cfg.head_dim:
@@ -80,7 +81,8 @@ _INT_FIELDS = (("vocab_size", "vocab_size", None), ("n_embd", "hidden_size", Non
 def read_hf_config(path) -> LlamaConfig:
     """LlamaConfig of a Hugging Face Llama config.json, either spelling of
     the rope (transformers 5's rope_parameters, or rope_theta + rope_scaling);
-    an absent optional key means transformers' default. Anything llmpy's
+    an absent optional key means transformers' default (bos/eos_token_id:
+    not known). Anything llmpy's
     Llama cannot run (biases, another activation or rope type) is refused."""
     path = Path(path)
     d = read_json_object(path, missing="no config.json; a model directory needs config.json + model.safetensors",
@@ -104,6 +106,9 @@ def read_hf_config(path) -> LlamaConfig:
     if type(tied) is not bool:
         raise LlmpyError(f"{path}: tie_word_embeddings must be true or false, got {tied!r}")
     values["tie_word_embeddings"] = tied
+    # absent: not known, rather than transformers' defaults 1 and 2 (Llama 2's
+    # ids, a word piece in another vocabulary: generation must not stop there)
+    values["bos_token_id"], values["eos_token_id"] = d.get("bos_token_id"), d.get("eos_token_id")
     try:
         return LlamaConfig(**values)
     except LlmpyError as e:
