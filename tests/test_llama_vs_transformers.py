@@ -132,13 +132,12 @@ def test_rope_frequencies_match_hf_llama3_rule():
 
 # ---------------------------------------------------------------------------- AdamW
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_adamw_five_steps_match_torch(rng, tied):
+def five_steps_match_torch(model, hm, rng, start):
     """llmpy AdamW over the flat buffer (decay on model.decayed: the matrices)
     vs torch.optim.AdamW (decay on the 2-D parameters), both from the same
-    weights: the loss of every step and the weights after 5 steps within 1e-5."""
+    weights (`start`: the state dict they began from): the loss of every step
+    and the weights after 5 steps within 1e-5."""
     lr, betas, eps, wd = 1e-3, (0.9, 0.95), 1e-8, 0.1
-    model, hm = make_pair(tied=tied, scaling=SCALING, dtype=torch.float32)
     opt = AdamW(model, betas=betas, eps=eps, weight_decay=wd)
     decay = [p for p in hm.parameters() if p.ndim >= 2]
     no_decay = [p for p in hm.parameters() if p.ndim < 2]
@@ -159,8 +158,27 @@ def test_adamw_five_steps_match_torch(rng, tied):
         assert abs(loss - hloss.item()) / hloss.item() < STEP_RTOL, f"step {t}: {loss} vs {hloss.item()}"
     assert losses[-1] < losses[0]
     sd, hsd = model.state_dict(), hm.state_dict()
-    moved = rel_err(sd["model.layers.0.mlp.up_proj.weight"], make_pair(tied=tied, scaling=SCALING)[0]
-                    .state_dict()["model.layers.0.mlp.up_proj.weight"])
+    moved = rel_err(sd["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     assert moved > 10 * STEP_RTOL                              # the weights did move
     bad = {n: e for n in sd if not (e := rel_err(sd[n], hsd[n].numpy())) < STEP_RTOL}
     assert not bad, f"weights after 5 steps off: {bad}"
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_adamw_five_steps_match_torch(rng, tied):
+    model, hm = make_pair(tied=tied, scaling=SCALING, dtype=torch.float32)
+    five_steps_match_torch(model, hm, rng, {k: v.copy() for k, v in model.state_dict().items()})
+
+
+def test_finetuning_a_saved_directory_matches_torch(rng, tmp_path):
+    # fine-tuning as a user does it: transformers writes a (sharded) Llama
+    # directory, llmpy loads it (families.load, by config.json's model_type),
+    # and both train from there
+    from llmpy import families
+    from llmpy.llama import Llama
+    _, hm = make_pair(n_head=4, n_kv_head=2, tied=False, scaling=SCALING, dtype=torch.float32)
+    hm.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = families.load(tmp_path)
+    assert isinstance(model, Llama)
+    five_steps_match_torch(model, hm, rng, {k: v.copy() for k, v in model.state_dict().items()})
