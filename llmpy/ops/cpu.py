@@ -21,6 +21,7 @@ import numpy as np
 
 from . import contract, shared
 from .cpu_parallel import for_row_blocks as _for_row_blocks   # (private: public names here are the contract's ops)
+from .cpu_parallel import work_buffer as _work_buffer
 from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, shared with the kernels)
 
 name = "cpu"
@@ -268,14 +269,20 @@ def gelu_backward(dinp, inp, dout, scratch):
 
 
 def _gelu_backward_rows(dinp, inp, dout, scratch):
+    # every pass in place, its two temporaries this thread's work buffers
+    # (cpu_parallel.work_buffer: no fresh allocation per block, see there)
     t = np.multiply(inp, inp, out=scratch)               # x^2
-    du = GELU_S * (1.0 + 3.0 * GELU_A * t)               # du/dx
+    du = np.multiply(t, 3.0 * GELU_A, out=_work_buffer(t.shape, 0))
+    du += 1.0
+    du *= GELU_S                                         # du/dx = s (1 + 3 a x^2)
     t *= GELU_A
     t += 1.0
     t *= inp
     t *= GELU_S
     np.tanh(t, out=t)                                    # tanh u
-    du *= 1.0 - t * t
+    sech2 = np.multiply(t, t, out=_work_buffer(t.shape, 1))
+    np.subtract(1.0, sech2, out=sech2)                   # 1 - tanh^2 u
+    du *= sech2
     du *= inp
     t += 1.0
     du += t

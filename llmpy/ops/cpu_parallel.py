@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 MIN_PARALLEL = 1 << 15      # floats: below this an op runs on the caller's thread (the hand-off costs more)
 BLOCK = 1 << 16             # floats per block of rows: 256 KB, stays in L2 through the op's passes
@@ -77,6 +80,27 @@ def _single_threaded_blas(blas):
         yield
     finally:
         blas.set_num_threads(before)
+
+
+_local = threading.local()   # each thread's work buffers (work_buffer)
+
+
+def work_buffer(shape, slot: int = 0):
+    """A float32 array of `shape` that this thread may use as scratch until
+    its next call with the same slot: memory kept and reused, one buffer per
+    (thread, slot), grown as needed. A temporary NumPy allocates for an
+    expression over a block (256 KB and more) is mmap'ed fresh by the C
+    library and page-faulted in again on every call, and page faults from
+    the pool's threads queue on one lock of the process: an op on two
+    threads was slower than on one until its temporaries came from here."""
+    n = int(np.prod(shape))
+    bufs = getattr(_local, "buffers", None)
+    if bufs is None:
+        bufs = _local.buffers = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < n:
+        buf = bufs[slot] = np.empty(max(n, BLOCK), dtype=np.float32)
+    return buf[:n].reshape(shape)
 
 
 def _get_pool():
