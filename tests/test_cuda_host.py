@@ -62,7 +62,8 @@ SCALAR_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32, "un
 WARP_KERNELS = {"accumulate_sum", "layernorm_forward", "residual_layernorm_forward", "layernorm_forward_x128",
                 "residual_layernorm_forward_x128", "layernorm_backward_input", "layernorm_backward_fused",
                 "attention_softmax_forward", "attention_softmax_backward", "crossentropy_forward",
-                "crossentropy_forward_x128", "sum_of_squares_partial"}
+                "crossentropy_forward_x128", "sum_of_squares_partial", "rmsnorm_forward", "residual_rmsnorm_forward",
+                "rmsnorm_backward_input", "rmsnorm_backward_fused"}
 
 
 def _check_launch(name, grid, block, args, bf16=False):
