@@ -269,7 +269,11 @@ def _eval(args):
             if bar is not None:
                 bar.set_postfix_str(f"acc_norm {acc_norm:.4f}", refresh=False)
                 bar.update()
-        res = evals.hellaswag(model, args.hellaswag, limit=args.limit, progress=progress)
+        from .data.hf_tokenizer import model_tokenizer
+        tokenizer, _ = model_tokenizer(model.config.vocab_size, None, source)
+        evals.check_hellaswag_tokenizer(args.hellaswag, tokenizer, args.ckpt,
+                                        how="put it in the model's directory as tokenizer.json")
+        res = evals.hellaswag(model, args.hellaswag, limit=args.limit, tokenizer=tokenizer, progress=progress)
         if args.json:
             res.pop("per_example")
         text = (f"HellaSwag on {res['examples']} examples: acc {res['acc']:.4f}  "

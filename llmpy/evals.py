@@ -254,12 +254,34 @@ def completion_losses(model, tokens, mask) -> tuple[np.ndarray, np.ndarray]:
     return sums, sums / counts
 
 
+def check_hellaswag_tokenizer(path, tokenizer, model_name, how="--tokenizer TOK") -> None:
+    """Refuse, in one line, a HellaSwag file that the model's tokenizer
+    (hf_tokenizer.model_tokenizer's choice; None: none is known) cannot
+    score. A .jsonl is tokenized with that tokenizer. llm.c's .bin holds
+    GPT-2's token ids, right only for a model over GPT-2's tokenizer: a Llama
+    would score them without any error (GPT-2's ids all lie inside its
+    vocabulary) and report a meaningless accuracy. how: the way to name a
+    tokenizer, for the message."""
+    from .data.tokenizer import N_VOCAB
+    first = read_hellaswag(path, limit=1)[0]
+    if "ctx" in first:
+        if tokenizer is None:
+            raise LlmpyError(f"{path}: HellaSwag's text must be tokenized with {model_name}'s tokenizer, and none "
+                             f"is known for its vocabulary; give the tokenizer.json its data was prepared with "
+                             f"({how})")
+    elif getattr(tokenizer, "vocab_size", None) != N_VOCAB:
+        raise LlmpyError(f"{path}: llm.c's HellaSwag .bin holds GPT-2's token ids, but {model_name} has another "
+                         "tokenizer; pass the HellaSwag .jsonl (llmpy prepare hellaswag), which is tokenized "
+                         "with the model's own")
+
+
 def hellaswag(model, path, limit: int | None = None, tokenizer=None, progress=None) -> dict:
     """HellaSwag accuracy of the model on a HellaSwag file (.jsonl or llm.c's
     .bin): {"acc", "acc_norm", "examples", "correct", "correct_norm",
     "per_example": [...]}. Each entry of per_example holds the label, both
     predictions and the four sums and means. progress(n, total, acc_norm so
-    far), if given, is called after each example."""
+    far), if given, is called after each example. tokenizer: the model's
+    (default GPT-2's; see check_hellaswag_tokenizer)."""
     examples = read_hellaswag(path, limit)
     if tokenizer is None and "ctx" in examples[0]:
         from .data.tokenizer import Tokenizer

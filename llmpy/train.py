@@ -91,6 +91,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     outliers = Outliers(tc.skip_loss_z, tc.skip_norm_z)
     if tc.hellaswag and root:
         evals.read_hellaswag(tc.hellaswag, tc.hellaswag_limit)      # a wrong file fails now, not at step N
+        evals.check_hellaswag_tokenizer(tc.hellaswag, tokenizer, tc.model)
     start = 0
     if resume_from is not None:
         state = ckpt.restore(resume_from, model, optimizer, loader, comm, say)
@@ -147,7 +148,8 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
                     if val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
                         val_loss = rec["val_loss"] = round(evals.val_loss(model, val_loader, val_steps), 6)
                     if tc.hellaswag and root and (step % tc.hellaswag_every == 0 or step == tc.steps):
-                        rec["hellaswag_acc_norm"] = evals.hellaswag(model, tc.hellaswag, tc.hellaswag_limit)["acc_norm"]
+                        rec["hellaswag_acc_norm"] = evals.hellaswag(model, tc.hellaswag, tc.hellaswag_limit,
+                                                                    tokenizer=tokenizer)["acc_norm"]
                     run.record(rec)
                     if tc.sample_every and step % tc.sample_every == 0 and step != tc.steps and samples:
                         run.print(f"--- sample at step {step} ---\n"

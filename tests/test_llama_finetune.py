@@ -284,3 +284,43 @@ def test_end_ids_come_from_the_config_then_the_tokenizer_then_gpt2s_vocabulary(t
 def test_llmpy_load_is_typed_and_returns_either_family(llama_dir):
     assert typing.get_type_hints(llmpy.load)["return"] == GPT | Llama
     assert isinstance(llmpy.load(llama_dir), Llama)
+
+
+# ------------------------------------------------------------------ HellaSwag with another tokenizer
+
+def test_hellaswag_is_scored_with_the_models_tokenizer(tmp_path, llama_dir, capsys, monkeypatch):
+    # A Llama over 60,000 ids with its own tokenizer.json: llm.c's HellaSwag
+    # .bin (GPT-2's ids, which all fit in 60,000) would score without any
+    # error and mean nothing, so it is refused in one line, in eval and at
+    # the start of train; the .jsonl is tokenized with the model's
+    # tokenizer.json, the same scores as evals.hellaswag given that tokenizer
+    from llmpy import evals
+    from llmpy.data.tokenizer import Tokenizer
+    from test_evals import FIXTURE, tokenized_fixture, write_llmc_eval_bin
+    big = tmp_path / "big-llama"
+    cfg = LlamaConfig(block_size=1024, vocab_size=60000, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                      intermediate_size=32, rope_theta=1e4)
+    hf_llama.save(big, cfg, Llama(cfg, seed=1).state_dict())
+    shutil.copy(llama_dir / "tokenizer.json", big / "tokenizer.json")
+    gpt2_bin = tmp_path / "hellaswag_val.bin"
+    write_llmc_eval_bin(gpt2_bin, tokenized_fixture(Tokenizer()))
+
+    line = one_error_line(capsys, main(["eval", str(big), "--hellaswag", str(gpt2_bin)]))
+    assert "hellaswag_val.bin" in line and "GPT-2's token ids" in line and ".jsonl" in line
+    monkeypatch.chdir(tmp_path)                      # train's default data (pydoc) is prepared under ./data
+    line = one_error_line(capsys, main(["train", "--model", str(big), "--hellaswag", str(gpt2_bin),
+                                        "--hellaswag-every", "1", "--steps", "1", "--out", "run", *TRAIN]))
+    assert "GPT-2's token ids" in line
+
+    assert main(["eval", str(big), "--hellaswag", str(FIXTURE), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model = families.load(big)
+    want = evals.hellaswag(model, FIXTURE, tokenizer=HFTokenizer(big))
+    with_gpt2 = evals.hellaswag(model, FIXTURE, tokenizer=Tokenizer())
+    assert [e["mean_loss"] for e in want["per_example"]] != [e["mean_loss"] for e in with_gpt2["per_example"]]
+    assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"])
+
+    # no tokenizer known for the vocabulary: the .jsonl cannot be tokenized
+    (big / "tokenizer.json").unlink()
+    line = one_error_line(capsys, main(["eval", str(big), "--hellaswag", str(FIXTURE)]))
+    assert "none is known" in line and "tokenizer.json" in line
