@@ -60,7 +60,7 @@ from .errors import LlmpyError
 from .formats.hf import GPT2_EOT_ID, GPT2_VOCAB_SIZE
 from .llama import Llama
 from .model import GPT
-from .ops.shared import split_heads
+from .ops.shared import gqa_heads, split_heads
 
 # ---------------------------------------------------------------------- KV cache
 
@@ -177,8 +177,7 @@ def _llama_new_tokens(model, ids, pos, attend):
     def attention(atty, qkv, l):
         # rotate q, k in place, then the GQA layout: NH query heads, NKV key heads, NKV value heads
         model._rotate_qk(qkv, B, t, cos, sin)
-        heads = qkv.reshape(B, t, NH + 2 * NKV, hs).transpose(0, 2, 1, 3)
-        attend(l, atty, heads[:, :NH], heads[:, NH:NH + NKV], heads[:, NH + NKV:])
+        attend(l, atty, *gqa_heads(qkv.reshape(B, t, -1), B, t, NH, NKV))
 
     x = a.x
     ops.embedding_forward(x.reshape(B, t, C), ids, p.wte)    # no positions here: RoPE carries them

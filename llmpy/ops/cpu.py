@@ -561,12 +561,10 @@ def swiglu_backward(dinp, dout, inp):
 
 def _gqa_heads(x, n_head, n_kv_head):
     """(B, T, (NH + 2 NKV) hs) -> q (B, NKV, G, T, hs), k and v (B, NKV, 1, T, hs): views."""
-    B, T, W = x.shape
-    hs = W // (n_head + 2 * n_kv_head)
-    G = n_head // n_kv_head
-    q = x[..., :n_head * hs].reshape(B, T, n_kv_head, G, hs).transpose(0, 2, 3, 1, 4)
-    kv = x[..., n_head * hs:].reshape(B, T, 2, n_kv_head, hs).transpose(2, 0, 3, 1, 4)
-    return q, kv[0][:, :, None], kv[1][:, :, None]
+    B, T, _ = x.shape
+    q, k, v = shared.gqa_heads(x, B, T, n_head, n_kv_head)
+    # splitting the head axis NH = NKV x G of a view is a view too
+    return q.reshape(B, n_kv_head, n_head // n_kv_head, T, q.shape[-1]), k[:, :, None], v[:, :, None]
 
 
 def gqa_attention_forward(out, att, qkv, n_head, n_kv_head):

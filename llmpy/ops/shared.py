@@ -9,20 +9,19 @@ import math
 import numpy as np
 
 
-def split_heads(x, B, T, NH):
-    """(B, T, 3C) -> q, k, v, three (B, NH, T, hs) views (no copy: only a
-    reshape and a transpose, so BLAS or the caller takes the strides)."""
-    hs = x.shape[-1] // (3 * NH)
-    x = x.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
-    return x[0], x[1], x[2]
-
-
 def gqa_heads(x, B, T, NH, NKV):
     """(B, T, (NH + 2 NKV) hs) -> q (B, NH, T, hs), k and v (B, NKV, T, hs):
-    views of grouped-query attention's fused qkv (split_heads when NKV = NH)."""
+    views of grouped-query attention's fused qkv (no copy: only a reshape and
+    a transpose, so BLAS or the caller takes the strides)."""
     hs = x.shape[-1] // (NH + 2 * NKV)
     heads = x.reshape(B, T, NH + 2 * NKV, hs).transpose(0, 2, 1, 3)
     return heads[:, :NH], heads[:, NH:NH + NKV], heads[:, NH + NKV:]
+
+
+def split_heads(x, B, T, NH):
+    """(B, T, 3C) -> q, k, v, three (B, NH, T, hs) views: multi-head
+    attention's fused qkv, gqa_heads with NKV = NH."""
+    return gqa_heads(x, B, T, NH, NH)
 
 
 _MASKS: dict = {}
