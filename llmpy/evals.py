@@ -262,14 +262,14 @@ def check_hellaswag_tokenizer(path, tokenizer, model_name, how="--tokenizer TOK"
     would score them without any error (GPT-2's ids all lie inside its
     vocabulary) and report a meaningless accuracy. how: the way to name a
     tokenizer, for the message."""
-    from .data.tokenizer import N_VOCAB
+    from .formats.hf import GPT2_VOCAB_SIZE
     first = read_hellaswag(path, limit=1)[0]
     if "ctx" in first:
         if tokenizer is None:
             raise LlmpyError(f"{path}: HellaSwag's text must be tokenized with {model_name}'s tokenizer, and none "
                              f"is known for its vocabulary; give the tokenizer.json its data was prepared with "
                              f"({how})")
-    elif getattr(tokenizer, "vocab_size", None) != N_VOCAB:
+    elif getattr(tokenizer, "vocab_size", None) != GPT2_VOCAB_SIZE:
         raise LlmpyError(f"{path}: llm.c's HellaSwag .bin holds GPT-2's token ids, but {model_name} has another "
                          "tokenizer; pass the HellaSwag .jsonl (llmpy prepare hellaswag), which is tokenized "
                          "with the model's own")

@@ -64,17 +64,18 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
         say(f"{out}: already at step {finished_at} of {tc.steps}; --steps M extends it")
         comm.close()
         return {"out": str(out), "steps": finished_at, "done": True, "rank": comm.rank}
-    # the model before anything is written: a bad --model ends in one line
-    # with no --out directory made and no data prepared
+    # the model and its tokenizer before anything is written: a bad --model
+    # or --tokenizer ends in one line with no --out directory made and no
+    # data prepared
     if resume_from is not None:         # the checkpoint is the model: its shape, then its weights (restore)
         model = families.load(resume_from, device=tc.device, dtype=tc.dtype)
         init = f"resumed from {resume_from}"
     else:
         model, init = families.build(tc.model, tc.device, tc.dtype, tc.seed, tc.seq_len)
+    tokenizer, tokenizer_files, samples_note = run_tokenizer(tc, model, resume_from)
     if root:
         out.mkdir(parents=True, exist_ok=True)
     train_pattern, val_pattern = resolve_data(tc, comm)
-    tokenizer, tokenizer_files, samples_note = run_tokenizer(tc, model, resume_from)
     if tc.tf32:                 # (before any matmul plan is made: plans keep their compute type)
         model.ops.matmul.use_tf32(True)
     comm.broadcast(model.params.flat, root=0)      # every rank starts from rank 0's weights

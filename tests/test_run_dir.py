@@ -148,9 +148,12 @@ def test_not_a_run_directory(capsys, tmp_path):
 
 
 def test_a_bad_model_writes_nothing(capsys, tmp_path, monkeypatch):
-    # a misspelt --model is one line before anything exists: no --out
+    # a misspelt --model or --tokenizer is one line before anything exists: no --out
     # directory, and no data prepared (the default data is pydoc, under ./data)
     monkeypatch.chdir(tmp_path)
     rc, out, err = run_cli(capsys, "train", "--model", "llama3-tny", "--steps", "1", "--out", "runs/x")
     assert rc == 2 and len(err.splitlines()) == 1 and "--model llama3-tny" in err and "llama3-tiny" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    rc, out, err = run_cli(capsys, "train", "--model", "d2", "--tokenizer", "nope", "--steps", "1", "--out", "runs/x")
+    assert rc == 2 and len(err.splitlines()) == 1 and "nope" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
