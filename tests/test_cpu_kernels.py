@@ -1,6 +1,9 @@
-"""The compiled AdamW (ops/cpu_kernels.py, numba) against the NumPy
-reference (ops/cpu.py): the same float32 operations in the same order, so
-the same bits; and its bf16 copy against ml_dtypes' rounding."""
+"""The compiled loops (ops/cpu_kernels.py, numba) against the NumPy
+reference (ops/cpu.py). AdamW: the same float32 operations in the same
+order, so the same bits; its bf16 copy against ml_dtypes' rounding. The
+layernorms and sum_of_squares: the same math with the sums in another order,
+so equal to float32 rounding (and both against float64 finite differences
+in test_ops_gradcheck.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -68,3 +71,90 @@ def test_adamw_uses_the_compiled_update_and_gives_the_same_weights(monkeypatch):
         models.append(model)
     assert len(calls) >= 3                              # the compiled run went through it
     np.testing.assert_array_equal(models[0].params.flat, models[1].params.flat)
+
+
+def _layernorm_case(N, C, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((N, C)) * 3 + 1.5).astype(np.float32)      # a mean far from 0: the variance's test
+    w, b = (rng.standard_normal(C).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal((N, C)).astype(np.float32)
+    return x, w, b, dout
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.float64(a) - b) / np.linalg.norm(np.float64(b)))
+
+
+def _run_layernorm(compiled, x, w, b, dout, residual=None, acc=False):
+    # forward (through the residual add when residual is given), then backward;
+    # dinp starts at 1 (it is added to), dweight/dbias at 2 (added to with acc)
+    import llmpy.ops.cpu as ops
+    ops.compiled = compiled
+    try:
+        N, C = x.shape
+        out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+        if residual is None:
+            inp = x
+            ops.layernorm_forward(out, mean, rstd, x, w, b)
+        else:
+            inp = np.empty_like(x)
+            ops.residual_layernorm_forward(inp, out, mean, rstd, x, residual, w, b)
+        dinp, dw, db = np.ones_like(x), np.full(C, 2, np.float32), np.full(C, 2, np.float32)
+        ops.layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, np.empty((2, N, C), np.float32), acc=acc)
+        return [out, mean, rstd, dinp, dw, db] + ([] if residual is None else [inp])
+    finally:
+        ops.compiled = True
+
+
+@pytest.mark.parametrize("N, C", [(7, 48), (256, 768), (2048, 768)])     # inline; and split over the threads
+@pytest.mark.parametrize("residual, acc", [(False, False), (True, True)])
+def test_compiled_layernorm_is_the_reference_to_rounding(N, C, residual, acc):
+    x, w, b, dout = _layernorm_case(N, C)
+    res = np.flip(x, axis=0).copy() if residual else None
+    got, ref = _run_layernorm(True, x, w, b, dout, res, acc), _run_layernorm(False, x, w, b, dout, res, acc)
+    names = ["out", "mean", "rstd", "dinp", "dweight", "dbias", "res"]
+    for name, g, r in zip(names, got, ref):
+        assert g.dtype == np.float32
+        assert _rel(g, r) < 2e-6, name
+
+
+def test_compiled_layernorm_takes_3d_rows_and_skips_strided_arrays(monkeypatch):
+    import llmpy.ops.cpu as ops
+    x, w, b, _ = _layernorm_case(64, 32)
+    calls = []
+    forward = cpu_kernels.layernorm_forward
+    monkeypatch.setattr(cpu_kernels, "layernorm_forward", lambda *a: calls.append(1) or forward(*a))
+    out3, m3, r3 = np.empty((4, 16, 32), np.float32), np.empty(64, np.float32), np.empty(64, np.float32)
+    ops.layernorm_forward(out3, m3, r3, x.reshape(4, 16, 32), w, b)          # (B, T, C) as (N, C) rows
+    assert calls == [1]
+    strided = np.repeat(x, 2, axis=1)[:, ::2]                                 # the same values, not contiguous
+    out, m, r = np.empty_like(x), np.empty(64, np.float32), np.empty(64, np.float32)
+    ops.layernorm_forward(out, m, r, strided, w, b)
+    assert calls == [1]                                                      # the NumPy code ran
+    np.testing.assert_allclose(out3.reshape(64, 32), out, rtol=0, atol=1e-5)
+
+
+def test_compiled_layernorm_lets_nan_and_inf_through():
+    # no fastmath "nnan"/"ninf": a bad value must reach the loss, where the
+    # training loop's non-finite check stops the run
+    x, w, b, dout = _layernorm_case(8, 64)
+    x[3, 5] = np.nan
+    x[5, 0] = np.inf
+    out, mean, rstd, dinp, dw, db = _run_layernorm(True, x, w, b, dout)
+    assert np.isnan(out[3]).all() and np.isnan(out[5]).all() and np.isnan(dw).all()
+    assert np.isfinite(np.delete(out, [3, 5], axis=0)).all()
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4097, (1 << 20) + 3, 3 * (1 << 20) + 17])
+def test_compiled_sum_of_squares_matches_float64(n):
+    import llmpy.ops.cpu as ops
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    exact = float(np.sum(np.float64(x) ** 2))
+    got = ops.sum_of_squares(x)
+    assert abs(got - exact) <= 1e-6 * exact
+    assert ops.sum_of_squares(x) == got                 # fixed blocks in a fixed order: the same bits again
+    ops.compiled = False
+    try:
+        assert abs(ops.sum_of_squares(x) - exact) <= 1e-4 * exact     # the reference, np.dot, sums in float32
+    finally:
+        ops.compiled = True

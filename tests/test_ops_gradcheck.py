@@ -11,6 +11,10 @@ tolerances below (1e-6 relative) could not pass if any op silently computed in
 float32. We also check the float32 forward (and backward) outputs against the
 float64 computation on the same inputs, and the acc=True / acc=False
 convention of the parameter gradients.
+
+Where numba is installed, cpu.py hands the layernorms and sum_of_squares to
+compiled loops (ops/cpu_kernels.py): every test here runs twice, once
+through them and once through the NumPy code (cpu.compiled = False).
 """
 from __future__ import annotations
 
@@ -65,6 +69,17 @@ def check_grad(name, loss, x, analytic, rng):
     err = rel_err(analytic.reshape(-1)[idx], num)
     assert err < GRAD_RTOL, f"{name}: relative error {err:.3g} vs finite differences"
     return err
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """Each test once with cpu.py's compiled kernels (where numba is installed)
+    and once with its NumPy code only."""
+    from llmpy.ops import cpu_kernels
+    if request.param == "compiled" and not cpu_kernels.available:
+        pytest.skip("needs numba")
+    monkeypatch.setattr(ops, "compiled", request.param == "compiled")
+    return request.param
 
 
 @pytest.fixture

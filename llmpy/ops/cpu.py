@@ -91,9 +91,37 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
 # ----------------------------------------------------------------------------
 # layernorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps)
 
+# The three layernorm ops below are the reference. Where numba is installed
+# (and `compiled` is on) they hand C-contiguous float arrays to
+# ops/cpu_kernels.py, which runs the same math in one pass per row instead of
+# NumPy's 7 to 15 passes over (N, C).
+
+compiled = True     # False: always the NumPy code here (the tests check both against finite differences)
+_kernels_module = None
+
+
+def _kernels(*arrays):
+    """ops/cpu_kernels.py if it may run on these arrays (numba installed,
+    `compiled` on, all C-contiguous, one float dtype), else None."""
+    global _kernels_module
+    if not compiled:
+        return None
+    if _kernels_module is None:
+        from . import cpu_kernels              # (imports numba, ~0.3 s: on first use only)
+        _kernels_module = cpu_kernels if cpu_kernels.available else False
+    if _kernels_module is False:
+        return None
+    dt = arrays[0].dtype
+    if dt not in (np.float32, np.float64) or not all(a.dtype == dt and a.flags.c_contiguous for a in arrays):
+        return None
+    return _kernels_module
+
+
 def layernorm_forward(out, mean, rstd, inp, weight, bias):
     # out, inp (N, C); mean, rstd (N,); weight, bias (C,)
     C = inp.shape[-1]
+    if k := _kernels(out, mean, rstd, inp, weight, bias):
+        return k.layernorm_forward(out.reshape(-1, C), mean, rstd, inp.reshape(-1, C), weight, bias, LN_EPS)
     np.mean(inp, axis=-1, out=mean)
     np.subtract(inp, mean[:, None], out=out)            # out holds x - mean
     var = np.einsum("ij,ij->i", out, out) / C
@@ -107,6 +135,11 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
 def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias):
     # The residual add fused with the layernorm after it (one kernel on the
     # GPU): res = a + b (res may be a), out = layernorm(res).
+    if k := _kernels(res, out, mean, rstd, a, b, weight, bias):
+        C = a.shape[-1]
+        rows = [x.reshape(-1, C) for x in (res, out)]
+        return k.residual_layernorm_forward(*rows, mean, rstd, a.reshape(-1, C), b.reshape(-1, C), weight, bias,
+                                            LN_EPS)
     np.add(a, b, out=res)
     layernorm_forward(out, mean, rstd, res, weight, bias)
 
@@ -117,6 +150,10 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     # (mean and rstd depend on every x of the row: the two subtracted terms).
     # dinp is ADDED to (the residual stream's gradient); scratch is (2, N, C).
     C = inp.shape[-1]
+    if k := _kernels(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
+        rows = [x.reshape(-1, C) for x in (dinp, dout, inp)]
+        return k.layernorm_backward(rows[0], dweight, dbias, rows[1], rows[2], weight, mean, rstd,
+                                    scratch.reshape(2, -1, C), acc)
     xhat, g = scratch[0], scratch[1]
     np.subtract(inp, mean[:, None], out=xhat)
     xhat *= rstd[:, None]
@@ -242,6 +279,8 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
 # gelu, tanh form: y = 0.5 x (1 + tanh(u)),  u = s (x + a x^3),  s = sqrt(2/pi)
 
 def gelu_forward(out, inp):
+    if (k := _kernels(out, inp)) and out.dtype == np.float32:
+        return k.gelu_forward(out.reshape(-1), inp.reshape(-1), GELU_A, GELU_S)    # 3 passes a block, threaded
     u = np.multiply(inp, inp, out=out)
     u *= GELU_A
     u += 1.0
@@ -265,6 +304,8 @@ def _for_elementwise_blocks(fn, *arrays):
 def gelu_backward(dinp, inp, dout, scratch):
     # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 a x^2)
     # dinp may be the same array as dout; scratch has inp's shape.
+    if (k := _kernels(dinp, inp, dout)) and inp.dtype == np.float32:
+        return k.gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1), GELU_A, GELU_S)
     _for_elementwise_blocks(_gelu_backward_rows, dinp, inp, dout, scratch)
 
 
@@ -381,6 +422,8 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
 
 def sum_of_squares(x):
     x = x.reshape(-1)
+    if k := _kernels(x):
+        return k.sum_of_squares(x)      # on every core, in float64 over 4 MB blocks
     return float(np.dot(x, x))
 
 
