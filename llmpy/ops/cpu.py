@@ -227,12 +227,18 @@ def attention_forward(out, att, qkv, n_head):
     hs = C3 // (3 * n_head)
     scale, masked = 1.0 / math.sqrt(hs), shared.upper_triangle(np, T)
     y = out.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    kernels = _kernels(att) if att.dtype == np.float32 else None      # the softmax in one compiled call
 
     def sequences(lo, hi):
         # sequences lo:hi, every head: both products and the softmax's five
         # passes while their (NH, T, T) probabilities are in cache
         a = att[lo:hi]
         np.matmul(q[lo:hi], k[lo:hi].swapaxes(-1, -2), out=a)
+        if kernels:
+            for b in range(lo, hi):
+                kernels.softmax_causal(att[b], scale)
+            np.matmul(a, v[lo:hi], out=y[lo:hi])
+            return
         a *= scale
         np.copyto(a, -np.inf, where=masked)                     # token t sees only s <= t
         a -= a.max(axis=-1, keepdims=True)
@@ -259,16 +265,21 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     dq, dk, dv = shared.split_heads(dqkv, B, T, n_head)
     dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     scale = 1.0 / math.sqrt(hs)
+    kernels = _kernels(att, datt) if att.dtype == np.float32 else None
 
     def sequences(lo, hi):
         # sequences lo:hi, every head, as in attention_forward
         a, d = att[lo:hi], datt[lo:hi]
         np.matmul(a.swapaxes(-1, -2), dy[lo:hi], out=dv[lo:hi])
         np.matmul(dy[lo:hi], v[lo:hi].swapaxes(-1, -2), out=d)
-        rowdot = np.einsum("bhts,bhts->bht", d, a)
-        d -= rowdot[..., None]
-        d *= a
-        d *= scale
+        if kernels:
+            for b in range(lo, hi):
+                kernels.softmax_causal_backward(datt[b], att[b], scale)
+        else:
+            rowdot = np.einsum("bhts,bhts->bht", d, a)
+            d -= rowdot[..., None]
+            d *= a
+            d *= scale
         np.matmul(d, k[lo:hi], out=dq[lo:hi])
         np.matmul(d.swapaxes(-1, -2), q[lo:hi], out=dk[lo:hi])
 
@@ -280,7 +291,7 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
 
 def gelu_forward(out, inp):
     if (k := _kernels(out, inp)) and out.dtype == np.float32:
-        return k.gelu_forward(out.reshape(-1), inp.reshape(-1), GELU_A, GELU_S)    # 3 passes a block, threaded
+        return k.gelu_forward(out.reshape(-1), inp.reshape(-1))     # one pass, on every core
     u = np.multiply(inp, inp, out=out)
     u *= GELU_A
     u += 1.0
@@ -305,7 +316,7 @@ def gelu_backward(dinp, inp, dout, scratch):
     # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 a x^2)
     # dinp may be the same array as dout; scratch has inp's shape.
     if (k := _kernels(dinp, inp, dout)) and inp.dtype == np.float32:
-        return k.gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1), GELU_A, GELU_S)
+        return k.gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1))
     _for_elementwise_blocks(_gelu_backward_rows, dinp, inp, dout, scratch)
 
 
@@ -353,6 +364,8 @@ _ROWS = 8   # rows per chunk: 8 x 50257 floats stay in L2 while we exp them
 def crossentropy_forward(losses, lse, logits, targets, V=None):
     # losses, lse (N,); logits (N, Vp), V <= Vp real columns (default: all); targets (N,) int
     N = logits.shape[0]
+    if (k := _kernels(logits, losses, lse)) and logits.dtype == np.float32:
+        return k.crossentropy_forward(losses, lse, logits, V or logits.shape[1], targets)   # 2 passes a row
     logits = logits[:, :V]
 
     def logsumexp(lo, hi):
@@ -377,6 +390,8 @@ def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
     # so the exponentials computed for the loss are the gradient's too.
     N = logits.shape[0]
     logits[:, V if V is not None else logits.shape[1]:] = 0
+    if (k := _kernels(logits, losses, lse)) and logits.dtype == np.float32:
+        return k.crossentropy_forward_backward(losses, lse, logits, V or logits.shape[1], targets, dloss)
     logits = logits[:, :V]
 
     def loss_and_dlogits(lo, hi):
@@ -402,6 +417,8 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
     # 1 / (N * accumulation steps) for a mean); padded columns >= V become 0.
     N = logits.shape[0]
     logits[:, V if V is not None else logits.shape[1]:] = 0
+    if (k := _kernels(logits, lse)) and logits.dtype == np.float32:
+        return k.crossentropy_backward(logits, V or logits.shape[1], lse, targets, dloss)
     logits = logits[:, :V]
 
     def dlogits(lo, hi):

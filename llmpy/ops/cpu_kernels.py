@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from .contract import GELU_A, GELU_S
+
 try:
     import numba
 except ImportError:             # optim.AdamW falls back to cpu.adamw_update
@@ -90,6 +92,9 @@ def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, s
 # finite-difference tests), as NumPy's do.
 
 _REORDER = {"reassoc", "contract"}
+# The 1-D loops take their block as a slice (x[lo:hi]) and run i from 0: with
+# range(lo, hi), numba cannot rule out a negative i, adds NumPy's wraparound
+# to every index, and an in-place loop (d[i] = d[i] * ...) no longer vectorizes.
 
 
 if numba is not None:
@@ -148,12 +153,13 @@ if numba is not None:
                 dinp[i, j] += r * (dy * weight[j] - mg - xhat * mgx)
 
     @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
-    def _sum_of_squares(x, zero, lo, hi):
+    def _sum_of_squares(x, zero):
         # in x's dtype over 4096-float pieces (the vector loop), the pieces in float64
         s = 0.0
-        for k in range(lo, hi, 4096):
+        n = x.shape[0]
+        for k in range(0, n, 4096):
             t = zero
-            for i in range(k, min(k + 4096, hi)):
+            for i in range(k, min(k + 4096, n)):
                 t += x[i] * x[i]
             s += t
         return s
@@ -224,71 +230,329 @@ def sum_of_squares(x) -> float:
     partial = np.zeros(max(1, -(-n // _SUMSQ_BLOCK)))
 
     def part(lo, hi):
-        partial[lo // _SUMSQ_BLOCK] = _sum_of_squares(x, zero, lo, hi)
+        partial[lo // _SUMSQ_BLOCK] = _sum_of_squares(x[lo:hi], zero)
 
     for_row_blocks(part, n, 1, block=_SUMSQ_BLOCK)
     return float(partial.sum())
 
 
 # ----------------------------------------------------------------------------
-# GELU (tanh form) in three passes per cache-sized block instead of 9 (forward)
-# and 17 (backward) over the whole (N, 4C) array: a compiled pass for
-# u = s (x + a x^3), NumPy's tanh over the block (vectorized; numba's tanh
-# would be one libm call per element: pip's numba has no SVML), and a
-# compiled pass for the rest. The blocks run on the pool's threads and are
-# large (GELU_BLOCK): each of a block's three calls gives up the GIL and takes
-# it back, and on 2 cores a round trip costs more than a small block's
-# arithmetic (measured at d12's (256, 3072): 64K-float blocks 0.64 ms, 256K
-# 0.54 ms, one thread 0.55 ms; the NumPy reference 1.4 ms).
+# exp and tanh for the vector loops (float32)
+#
+# numba compiles np.exp / np.tanh on a scalar to one libm call per element
+# (pip's numba has no SVML vector library), which keeps a loop from
+# vectorizing; NumPy's own ufuncs are vectorized but are one more pass over
+# memory each. So the loops below use this exp, written out:
+#   e^x = 2^k e^r,  k = round(x / ln 2),  r = x - k ln 2  (|r| <= ln(2)/2),
+#   e^r = sum_{n<=7} r^n / n!  (the Taylor remainder r^8/8! < 6e-9 relative,
+#   under float32's 6e-8), and 2^k made from its exponent bits, (k + 127) << 23.
+# ln 2 is split in two (LN2_HI exact in 12 bits, so k * LN2_HI is exact for
+# |k| < 2^11) to keep r accurate. Measured against float64 exp over
+# [-87, 88]: at most 1.3 float32 ulp (NumPy's float32 exp: 1.7).
+# Below -87 (e^-87 = 1.6e-38, at float32's smallest normal) it returns 0, so
+# a masked -inf gives exactly 0; a NaN stays NaN.
+#   tanh u = sign(u) (1 - e) / (1 + e),  e = e^(-2|u|) in (0, 1]:
+# no overflow; for small u the error is absolute (~1e-7), which is what
+# GELU's 1 + tanh u needs.
 
-GELU_BLOCK = 1 << 18        # floats: 1 MB, three such arrays a block, in a 2-4 MB L2
+if numba is not None:
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _float32_from_bits(typingctx, bits):
+        # the float32 whose IEEE bits are the int32 `bits` (one register move)
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+        return _types.float32(_types.int32), codegen
+
+    _LOG2E = np.float32(1.4426950408889634)
+    _LN2_HI = np.float32(0.693145751953125)
+    _LN2_LO = np.float32(1.4286068203094173e-06)
+    _EXP_MIN = np.float32(-87.0)
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER, inline="always")
+    def _exp(x):
+        # x float32, at most 88 (e^88.7 overflows float32)
+        xc = x if x > _EXP_MIN else _EXP_MIN
+        k = np.floor(xc * _LOG2E + np.float32(0.5))
+        r = (xc - k * _LN2_HI) - k * _LN2_LO
+        p = np.float32(1 / 5040)
+        p = p * r + np.float32(1 / 720)
+        p = p * r + np.float32(1 / 120)
+        p = p * r + np.float32(1 / 24)
+        p = p * r + np.float32(1 / 6)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1.0)
+        p = p * r + np.float32(1.0)
+        y = p * _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+        if x >= _EXP_MIN:
+            return y
+        return np.float32(0.0) if x < _EXP_MIN else x           # else x is NaN
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER, inline="always")
+    def _tanh(u):
+        e = _exp(np.float32(-2.0) * abs(u))
+        t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+        return t if u >= 0 else -t                                # (a NaN u: t is NaN)
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
+    def _exp_array(out, x):
+        # for the tests: _exp over a 1-D array
+        for i in range(x.shape[0]):
+            out[i] = _exp(x[i])
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
+    def _tanh_array(out, x):
+        for i in range(x.shape[0]):
+            out[i] = _tanh(x[i])
+
+
+# ----------------------------------------------------------------------------
+# GELU (tanh form) in one pass instead of NumPy's 9 (forward) and 17
+# (backward) over the (N, 4C) array: the reference's formulas (cpu.py) with
+# the tanh above; one call per thread over its half of the array (every call
+# from Python gives up the GIL and takes it back: on 2 cores a round trip
+# costs more than a small block's arithmetic).
+
+if numba is not None:
+    _STAGE = 4096      # floats: two 16 KB staging buffers fit a 48 KB L1
+    _GELU_A = np.float32(GELU_A)
+    _GELU_S = np.float32(GELU_S)
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER, inline="always")
+    def _gelu(x):
+        # y = 0.5 x (1 + tanh u),  u = s (x + a x^3)
+        t = _tanh(_GELU_S * (x + _GELU_A * x * x * x))
+        return np.float32(0.5) * x * (np.float32(1.0) + t)
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER, inline="always")
+    def _gelu_grad(x):
+        # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 a x^2)
+        t = _tanh(_GELU_S * (x + _GELU_A * x * x * x))
+        du = _GELU_S * (np.float32(1.0) + np.float32(3.0) * _GELU_A * x * x)
+        return np.float32(0.5) * ((np.float32(1.0) + t) + x * (np.float32(1.0) - t * t) * du)
+
+    # The loops below read their inputs in pieces of _STAGE floats copied
+    # into small buffers first (in L1), and compute from there. Measured inside
+    # a d12 step (the fc layer's (256, 3072) GELU backward, one thread): 2.15 ms
+    # a call reading straight from the arrays, 0.92 ms staged. (Our reading:
+    # a loop of ~50 instructions per 8 floats issues its loads too slowly to
+    # hide memory latency, where a bare copy keeps many in flight.)
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
+    def _gelu_forward(out, x):
+        n = x.shape[0]
+        xs = np.empty(_STAGE, np.float32)
+        for k in range(0, n, _STAGE):
+            m = min(_STAGE, n - k)
+            x_k, out_k = x[k:k + m], out[k:k + m]
+            for i in range(m):
+                xs[i] = x_k[i]
+            for i in range(m):
+                out_k[i] = _gelu(xs[i])
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
+    def _gelu_backward(dinp, x, dout):
+        # dinp = dout * gelu'(x); dinp may be dout: each piece of both is
+        # staged before any of it is written
+        n = x.shape[0]
+        xs = np.empty(_STAGE, np.float32)
+        ds = np.empty(_STAGE, np.float32)
+        for k in range(0, n, _STAGE):
+            m = min(_STAGE, n - k)
+            x_k, dout_k, dinp_k = x[k:k + m], dout[k:k + m], dinp[k:k + m]
+            for i in range(m):
+                xs[i] = x_k[i]
+                ds[i] = dout_k[i]
+            for i in range(m):
+                dinp_k[i] = ds[i] * _gelu_grad(xs[i])
+
+
+def _halves(n: int) -> int:
+    # elements per call: n cut evenly over the pool's threads (inline if small)
+    from .cpu_parallel import MIN_PARALLEL, threads
+    nt = threads() if n >= MIN_PARALLEL else 1
+    return max(1, -(-n // nt))
+
+
+def gelu_forward(out, inp):
+    """cpu.gelu_forward on 1-D contiguous float32 arrays."""
+    from .cpu_parallel import for_row_blocks
+    n = inp.shape[0]
+    for_row_blocks(lambda lo, hi: _gelu_forward(out[lo:hi], inp[lo:hi]), n, 1, block=_halves(n))
+
+
+def gelu_backward(dinp, inp, dout):
+    """cpu.gelu_backward on 1-D contiguous float32 arrays (dinp may be dout)."""
+    from .cpu_parallel import for_row_blocks
+    n = inp.shape[0]
+    for_row_blocks(lambda lo, hi: _gelu_backward(dinp[lo:hi], inp[lo:hi], dout[lo:hi]), n, 1, block=_halves(n))
+
+
+# ----------------------------------------------------------------------------
+# the classifier: softmax + cross-entropy over (N, V) logits, V = 50257
+#
+# cpu.py's fused step makes 6 NumPy passes over each 8-row chunk; here a row
+# (196 KB: in L2) takes three: its max, exp(x - max) written in place while
+# summed, and the scaling into the gradient. The sum accumulates in float32
+# over 1024-float pieces (the vector loop) and the pieces in float64.
+
+if numba is not None:
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER, inline="always")
+    def _row_max(row, lanes):
+        # max of a 1-D row. LLVM does not vectorize `m = x if x > m else m`
+        # (a max reduction needs fastmath's "nnan", which we do not give), and
+        # that scalar loop ran at ~1 float/ns; kept in 16 lanes by hand
+        # (`lanes`: a 16-float scratch) it runs ~5x faster. A NaN is skipped
+        # here; it makes the exp sum NaN in the callers.
+        n16 = row.shape[0] // 16 * 16
+        lanes[:] = row[0]
+        for j in range(0, n16, 16):
+            for k in range(16):
+                x = row[j + k]
+                lanes[k] = x if x > lanes[k] else lanes[k]
+        m = row[0]
+        for k in range(16):
+            m = lanes[k] if lanes[k] > m else m
+        for j in range(n16, row.shape[0]):
+            m = row[j] if row[j] > m else m
+        return m
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
+    def _crossentropy_rows(losses, lse, logits, V, targets, dloss, backward):
+        # rows of logits (n, Vp), the first V columns real; backward: those
+        # become (softmax - onehot) * dloss. (Each loop runs over a 1-D slice
+        # from 0: logits[i, :V] would be typed strided, and an index that may
+        # be negative gets NumPy's wraparound; either stops the vector loop.)
+        lanes = np.empty(16, logits.dtype)
+        for i in range(logits.shape[0]):
+            row = logits[i][:V]
+            m = _row_max(row, lanes)
+            picked = row[targets[i]]
+            s = 0.0
+            for k in range(0, V, 1024):
+                piece = row[k:k + 1024]
+                t = np.float32(0.0)
+                if backward:
+                    for j in range(piece.shape[0]):
+                        e = _exp(piece[j] - m)
+                        piece[j] = e
+                        t += e
+                else:
+                    for j in range(piece.shape[0]):
+                        t += _exp(piece[j] - m)
+                s += t
+            lse[i] = m + np.log(s)
+            losses[i] = lse[i] - picked
+            if backward:
+                # dlogits = exp(x - m) (dloss / s) - onehot dloss
+                scale = np.float32(dloss / s)
+                for j in range(V):
+                    row[j] = row[j] * scale
+                row[targets[i]] -= dloss
+
+    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
+    def _crossentropy_backward_rows(logits, V, lse, targets, dloss):
+        # dlogits = (exp(x - lse) - onehot) dloss, one pass over each row
+        for i in range(logits.shape[0]):
+            row = logits[i][:V]
+            l = lse[i]
+            for j in range(V):
+                row[j] = _exp(row[j] - l) * dloss
+            row[targets[i]] -= dloss
+
+
+def _rows_per_thread(n_rows: int, row_size: int) -> int:
+    from .cpu_parallel import MIN_PARALLEL, threads
+    nt = threads() if n_rows * row_size >= MIN_PARALLEL else 1
+    return -(-n_rows // nt) * row_size
+
+
+def crossentropy_forward(losses, lse, logits, V, targets):
+    """cpu.crossentropy_forward on C-contiguous float32 logits (N, Vp), V <= Vp real columns."""
+    from .cpu_parallel import for_row_blocks
+    N = logits.shape[0]
+    for_row_blocks(lambda lo, hi: _crossentropy_rows(losses[lo:hi], lse[lo:hi], logits[lo:hi], V, targets[lo:hi],
+                                                     np.float32(0), False), N, V, block=_rows_per_thread(N, V))
+
+
+def crossentropy_forward_backward(losses, lse, logits, V, targets, dloss):
+    """cpu.crossentropy_forward_backward: logits[:, :V] become the gradient
+    (the caller zeroes the padding)."""
+    from .cpu_parallel import for_row_blocks
+    N = logits.shape[0]
+    d = np.float32(dloss)
+    for_row_blocks(lambda lo, hi: _crossentropy_rows(losses[lo:hi], lse[lo:hi], logits[lo:hi], V, targets[lo:hi],
+                                                     d, True), N, V, block=_rows_per_thread(N, V))
+
+
+def crossentropy_backward(logits, V, lse, targets, dloss):
+    """cpu.crossentropy_backward: logits[:, :V] become the gradient."""
+    from .cpu_parallel import for_row_blocks
+    N = logits.shape[0]
+    d = np.float32(dloss)
+    for_row_blocks(lambda lo, hi: _crossentropy_backward_rows(logits[lo:hi], V, lse[lo:hi], targets[lo:hi], d),
+                   N, V, block=_rows_per_thread(N, V))
+
+
+# ----------------------------------------------------------------------------
+# attention's softmax, causal: one compiled call per sequence where NumPy makes
+# five passes over all (NH, T, T) scores (scale, mask, max, exp, sum and
+# divide) and its backward four. Row t has t + 1 live entries (s <= t); the
+# rest are written 0 without being computed, which halves the work.
 
 if numba is not None:
     @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
-    def _gelu_u(u, x, a, s):
-        for i in range(x.shape[0]):
-            xi = x[i]
-            u[i] = s * (xi + a * xi * xi * xi)
+    def _softmax_causal(att, scale):
+        # att (NH, T, T) holds q k^T and becomes softmax_s(scale * att[h, t, s]), s <= t.
+        # With m = max_s x: softmax(scale x) = e / sum e, e = exp(scale (x - m)) (scale > 0).
+        T = att.shape[1]
+        lanes = np.empty(16, att.dtype)
+        for h in range(att.shape[0]):
+            for t in range(T):
+                row = att[h, t]
+                live = row[:t + 1]
+                m = _row_max(live, lanes)
+                s = np.float32(0.0)
+                for j in range(t + 1):
+                    e = _exp((live[j] - m) * scale)
+                    live[j] = e
+                    s += e
+                inv = np.float32(1.0) / s
+                for j in range(t + 1):
+                    live[j] = live[j] * inv
+                masked = row[t + 1:]
+                for j in range(masked.shape[0]):
+                    masked[j] = 0
 
     @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
-    def _gelu_out(out, x, t):
-        # t = tanh(u): y = 0.5 x (1 + t)
-        for i in range(x.shape[0]):
-            out[i] = 0.5 * x[i] * (1 + t[i])
-
-    @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
-    def _gelu_dinp(dinp, x, dout, t, a, s):
-        # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 a x^2);  dinp may be dout
-        for i in range(x.shape[0]):
-            xi, ti = x[i], t[i]
-            dinp[i] = dout[i] * (0.5 * (1 + ti) + 0.5 * xi * (1 - ti * ti) * s * (1 + 3 * a * xi * xi))
-
-
-def gelu_forward(out, inp, a, s):
-    """cpu.gelu_forward on 1-D contiguous arrays (a, s: GELU's constants)."""
-    from .cpu_parallel import for_row_blocks, work_buffer
-    dt = inp.dtype.type
-    a, s = dt(a), dt(s)              # constants in the arrays' dtype: float32 math on float32 arrays
-
-    def block(lo, hi):
-        t = work_buffer((hi - lo,), 0)
-        _gelu_u(t, inp[lo:hi], a, s)
-        np.tanh(t, out=t)
-        _gelu_out(out[lo:hi], inp[lo:hi], t)
-
-    for_row_blocks(block, inp.shape[0], 1, block=GELU_BLOCK)
+    def _softmax_causal_backward(datt, att, scale):
+        # datt (NH, T, T) holds dL/datt and becomes dL/d(q k^T):
+        #   dpre_s = scale * att_s * (datt_s - sum_s' datt_s' att_s')
+        # (masked entries have att = 0, so their gradient is 0)
+        T = att.shape[1]
+        for h in range(att.shape[0]):
+            for t in range(T):
+                d = datt[h, t][:t + 1]
+                a = att[h, t][:t + 1]
+                dot = np.float32(0.0)
+                for j in range(t + 1):
+                    dot += d[j] * a[j]
+                for j in range(t + 1):
+                    d[j] = scale * a[j] * (d[j] - dot)
+                masked = datt[h, t][t + 1:]
+                for j in range(masked.shape[0]):
+                    masked[j] = 0
 
 
-def gelu_backward(dinp, inp, dout, a, s):
-    """cpu.gelu_backward on 1-D contiguous arrays (dinp may be dout)."""
-    from .cpu_parallel import for_row_blocks, work_buffer
-    dt = inp.dtype.type
-    a, s = dt(a), dt(s)
+def softmax_causal(att, scale):
+    """att (NH, T, T) float32, C-contiguous: q k^T becomes the causal softmax
+    of scale * q k^T (one sequence of cpu.attention_forward)."""
+    _softmax_causal(att, np.float32(scale))
 
-    def block(lo, hi):
-        t = work_buffer((hi - lo,), 0)
-        _gelu_u(t, inp[lo:hi], a, s)
-        np.tanh(t, out=t)
-        _gelu_dinp(dinp[lo:hi], inp[lo:hi], dout[lo:hi], t, a, s)
 
-    for_row_blocks(block, inp.shape[0], 1, block=GELU_BLOCK)
+def softmax_causal_backward(datt, att, scale):
+    """datt (NH, T, T): dL/datt becomes dL/d(q k^T) (cpu.attention_backward)."""
+    _softmax_causal_backward(datt, att, np.float32(scale))
