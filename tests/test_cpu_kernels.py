@@ -158,3 +158,132 @@ def test_compiled_sum_of_squares_matches_float64(n):
         assert abs(ops.sum_of_squares(x) - exact) <= 1e-4 * exact     # the reference, np.dot, sums in float32
     finally:
         ops.compiled = True
+
+
+# ---------------------------------------------------------------------------- exp, tanh and the ops built on them
+
+def test_compiled_exp_is_within_two_float32_ulp_of_float64_exp():
+    x = np.concatenate([np.linspace(-87, 88, 2_000_001), np.random.default_rng(3).uniform(-30, 0, 100_000)])
+    x = x.astype(np.float32)
+    got = np.empty_like(x)
+    cpu_kernels._exp_array(got, x)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) <= 2 * 2.0 ** -24
+    special = np.array([-87.5, -1e4, -np.inf, np.nan, 0.0], np.float32)
+    out = np.empty_like(special)
+    cpu_kernels._exp_array(out, special)
+    assert out[0] == 0 and out[1] == 0 and out[2] == 0      # under e^-87 (float32's smallest normal): exactly 0
+    assert np.isnan(out[3]) and out[4] == 1
+
+
+def test_compiled_tanh_is_within_2e7_of_float64_tanh():
+    x = np.concatenate([np.linspace(-12, 12, 1_000_001), [1e-30, -1e-30, 40, -40, np.inf, -np.inf]]).astype(np.float32)
+    got = np.empty_like(x)
+    cpu_kernels._tanh_array(got, x)
+    assert np.max(np.abs(got - np.tanh(x.astype(np.float64)))) <= 2e-7     # absolute: what 1 + tanh needs
+    assert got[-2] == 1 and got[-1] == -1 and np.abs(got).max() <= 1
+    nan = np.empty(1, np.float32)
+    cpu_kernels._tanh_array(nan, np.array([np.nan], np.float32))
+    assert np.isnan(nan[0])
+
+
+def _gelu64(x):
+    x = np.float64(x)
+    s, a = np.sqrt(2 / np.pi), 0.044715
+    t = np.tanh(s * (x + a * x ** 3))
+    return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * s * (1 + 3 * a * x * x)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_compiled_gelu_matches_float64(in_place):
+    import llmpy.ops.cpu as ops
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((300, 1000)) * 3).astype(np.float32)         # past the pool's threshold: two threads
+    x[0, :4] = [0.0, -30.0, 30.0, np.nan]
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    y, dydx = _gelu64(x)
+    out = np.empty_like(x)
+    ops.gelu_forward(out, x)
+    dinp = dout.copy() if in_place else np.empty_like(x)
+    ops.gelu_backward(dinp, x, dinp if in_place else dout, np.empty_like(x))
+    ok = np.isfinite(x)
+    assert np.isnan(out[0, 3]) and np.isnan(dinp[0, 3])
+    assert _rel(out[ok], y[ok]) < 1e-6 and _rel(dinp[ok], (dout * dydx)[ok]) < 1e-6
+    assert np.max(np.abs(out[ok] - y[ok])) < 1e-5
+
+
+def _ce64(logits, targets, V):
+    x = np.float64(logits[:, :V])
+    m = x.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+    grad = np.exp(x - lse[:, None])
+    grad[np.arange(len(targets)), targets] -= 1
+    return lse - x[np.arange(len(targets)), targets], lse, grad
+
+
+@pytest.mark.parametrize("V, Vp", [(50257, 50304), (1000, 1000)])
+def test_compiled_classifier_matches_float64(V, Vp):
+    import llmpy.ops.cpu as ops
+    rng = np.random.default_rng(5)
+    N = 24
+    logits = (rng.standard_normal((N, Vp)) * 4).astype(np.float32)
+    logits[1] += 1e4                                    # stable for large logits (the max is subtracted)
+    targets = rng.integers(0, V, N)
+    loss64, lse64, grad64 = _ce64(logits, targets, V)
+    dloss = 1.0 / N
+    losses, lse = np.empty(N, np.float32), np.empty(N, np.float32)
+
+    def check_loss():
+        # row 1's loss is a difference of two numbers near 1e4: float32 holds those to ~1e-3
+        assert _rel(np.delete(losses, 1), np.delete(loss64, 1)) < 1e-6 and abs(losses[1] - loss64[1]) < 4e-3
+        assert _rel(lse, lse64) < 1e-6
+
+    ops.crossentropy_forward(losses, lse, logits, targets, V=V)
+    check_loss()
+    g = logits.copy()
+    ops.crossentropy_forward_backward(losses, lse, g, targets, dloss, V=V)
+    check_loss()
+    assert _rel(g[:, :V], grad64 * dloss) < 1e-6 and not g[:, V:].any()
+    g2 = logits.copy()
+    ops.crossentropy_backward(g2, lse, targets, dloss, V=V)
+    # (from the float32 lse: row 1's, near 1e4, is exact to ~1e-3, so its exponentials to ~1e-3)
+    keep = np.arange(N) != 1
+    assert _rel(g2[keep, :V], grad64[keep] * dloss) < 1e-6 and _rel(g2[1, :V], grad64[1] * dloss) < 2e-3
+    assert not g2[:, V:].any()
+
+
+def test_compiled_classifier_gives_nan_for_a_nan_logit():
+    import llmpy.ops.cpu as ops
+    logits = np.random.default_rng(6).standard_normal((4, 3000)).astype(np.float32)
+    logits[2, 17] = np.nan
+    losses, lse = np.empty(4, np.float32), np.empty(4, np.float32)
+    ops.crossentropy_forward_backward(losses, lse, logits, np.array([0, 1, 2, 3]), 0.25)
+    assert np.isnan(losses[2]) and np.isfinite(np.delete(losses, 2)).all()
+
+
+@pytest.mark.parametrize("B, T, NH, hs", [(3, 37, 2, 8), (2, 64, 12, 64)])
+def test_compiled_attention_softmax_matches_float64(B, T, NH, hs):
+    # the compiled causal softmax (float32) against the NumPy code in float64
+    import llmpy.ops.cpu as ops
+    rng = np.random.default_rng(7)
+    C = NH * hs
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+
+    def run(dtype, compiled):
+        ops.compiled = compiled
+        try:
+            q = qkv.astype(dtype)
+            out, att = np.empty((B, T, C), dtype), np.full((B, NH, T, T), np.nan, dtype)
+            ops.attention_forward(out, att, q, NH)
+            dqkv = np.empty_like(q)
+            ops.attention_backward(dqkv, dout.astype(dtype), q, att, np.full_like(att, np.nan), NH)
+            return out, att, dqkv
+        finally:
+            ops.compiled = True
+
+    got, ref = run(np.float32, True), run(np.float64, False)
+    for name, g, r in zip(["out", "att", "dqkv"], got, ref):
+        assert _rel(g, r) < 1e-6, name
+    upper = np.triu(np.ones((T, T), bool), k=1)
+    assert not got[1][:, :, upper].any()                # masked entries are exactly 0

@@ -12,6 +12,11 @@ conventions; ARCHITECTURE.md) written with NumPy. In brief:
 
 Shapes: B batch, T time, C channels, NH heads, hs = C // NH, V vocabulary,
 N = B * T rows. Row-major, activations as (N, C) where that is simpler.
+
+Where numba is installed, the layernorms, GELU, the classifier, attention's
+softmax and sum_of_squares hand C-contiguous float32 arrays to compiled
+loops (ops/cpu_kernels.py: the same math in fewer passes); the NumPy code
+here is the reference, and `compiled = False` makes every op use it.
 """
 from __future__ import annotations
 

@@ -1,18 +1,24 @@
 """Compiled CPU loops (numba) where NumPy's passes over memory are the cost.
 
-AdamW is the one today. cpu.adamw_update, the reference, makes 13 NumPy
-passes over each chunk (every ufunc reads and writes whole arrays); here the
-same arithmetic runs in ONE loop over the elements, each value loaded once,
-in the same float32 operations in the same order, so the result is the
-reference's to the bit (tests/test_ops_gradcheck.py checks it). The loop
-releases the GIL (nogil), so optim.AdamW's threads run it side by side on
-their chunks, as they run the NumPy version. It can also round the updated
-weights into the bf16 copy the ops read (--device cpu --dtype bf16) while
-they are in registers.
+Each NumPy ufunc is one pass over a whole array, on one core. A loop
+compiled here reads each value once and does all of an op's arithmetic on
+it while it is in registers or L1, and releases the GIL (nogil), so the
+cpu_parallel pool's threads run it side by side on their rows.
 
-numba compiles the loop on first use (~1 s) and caches the machine code
-next to this file (cache=True), so later runs start at once. Without numba
-(an optional dependency), optim.AdamW uses the NumPy reference.
+- AdamW: cpu.adamw_update, the reference, makes 13 passes over each chunk;
+  here the same float32 operations in the same order run in one loop, so the
+  result is the reference's to the bit (tests/test_cpu_kernels.py). It can
+  also round the updated weights into the bf16 copy the ops read
+  (--device cpu --dtype bf16) while they are in registers. optim.AdamW calls it.
+- layernorm (forward, residual forward, backward), GELU, the classifier,
+  attention's causal softmax, the gradient's sum of squares: cpu.py's ops
+  hand their arrays here (cpu._kernels: numba installed, cpu.compiled on,
+  C-contiguous float arrays). The math is cpu.py's, with its derivatives;
+  sums run in another order, so results agree to float32 rounding.
+
+numba compiles a loop on first use (~4 s for all of them, once) and caches
+the machine code next to this file (cache=True), so later runs start at
+once. Without numba (an optional dependency) the NumPy code runs.
 """
 from __future__ import annotations
 

@@ -5,8 +5,11 @@ over a large array. So an op whose rows are independent (layernorm, GELU,
 softmax, the classifier) can give each thread a block of rows and run the
 same NumPy code on it: the threads' ufunc loops overlap, and only the
 Python between them is serialized. (Measured on 2 cores: it pays for
-attention, GELU's backward and the (N, 50257) classifier; not for
-layernorm or GELU's forward at GPT-2's sizes, which stay on one thread.)
+attention, GELU's backward and the (N, 50257) classifier; not for NumPy's
+layernorm or GELU forward at GPT-2's sizes. The compiled loops of
+cpu_kernels.py give each thread one call over its rows: every call from
+Python gives up the GIL and takes it back, which costs more than a small
+block's arithmetic.)
 Two rules make that pay:
 - blocks large enough that the Python per call (~1-2 us) is small beside
   the loop it starts, and small enough to stay in cache while several
