@@ -1,0 +1,87 @@
+"""Where a CPU training step's matmul time goes, shape by shape.
+
+Every np.matmul of the NumPy backend (llmpy/ops/cpu.py) is timed inside a
+few real training steps (HostStep: forward, backward, clipping, AdamW), then
+each distinct call is run again on its own (best of 5, operands hot). The
+gap between the two columns is what running inside the step costs the GEMMs
+(weights coming from memory, other work in the caches).
+
+    python bench/cpu_gemms_in_step.py [MODEL B T]      (default: d12 4 64)
+
+Run it on a quiet machine, with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset
+(see bench/cpu_suite.sh).
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import time
+import types
+
+import numpy as np
+
+from llmpy import bench
+from llmpy.config import preset
+from llmpy.dist import SingleProcess
+from llmpy.model import GPT
+from llmpy.ops import cpu
+from llmpy.optim import AdamW
+from llmpy.step import HostStep
+
+
+def main(model="d12", B=4, T=64, steps=5):
+    times = collections.defaultdict(list)       # (shapes, strides) -> seconds of each call
+    operands = {}
+
+    def timed_matmul(a, b, out=None, **kw):
+        t = time.perf_counter()
+        r = np.matmul(a, b, out=out, **kw)
+        key = (a.shape, b.shape, a.strides, b.strides)
+        times[key].append(time.perf_counter() - t)
+        operands[key] = (a, b, out)
+        return r
+
+    cfg = preset(model, seq_len=T)
+    m = GPT(cfg, device="cpu", seed=0)
+    step = HostStep(m, AdamW(m, weight_decay=0.1), SingleProcess(), grad_clip=1.0)
+    ids = bench.real_text_batch(B, T, cfg.vocab_size)
+    batch = (ids[:, :-1], ids[:, 1:])
+    for t in (1, 2):                             # warm-up: page faults, numba's first calls
+        step(batch, 1e-4, t)
+    proxy = types.ModuleType("numpy")            # cpu.py's np, with matmul timed
+    proxy.__dict__.update(np.__dict__)
+    proxy.matmul = timed_matmul
+    cpu.np = proxy
+    try:
+        t0 = time.perf_counter()
+        for t in range(3, 3 + steps):
+            step(batch, 1e-4, t)
+        step_ms = (time.perf_counter() - t0) / steps * 1e3
+    finally:
+        cpu.np = np
+    rows, in_step, alone = [], 0.0, 0.0
+    for key, ts in times.items():
+        a, b, out = operands[key]
+        best = min(_time(lambda: np.matmul(a, b, out=out)) for _ in range(5))
+        ms_in, ms_alone = sum(ts) / steps * 1e3, best * len(ts) / steps * 1e3
+        flop = 2 * np.prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1] * len(ts) / steps
+        rows.append((ms_in, ms_alone, flop / ms_in / 1e6, key[0], key[1], len(ts) // steps))
+        in_step += ms_in
+        alone += ms_alone
+    print(f"{model} B={B} T={T}: ms per step, every np.matmul of the CPU backend")
+    print(f"{'in step':>9} {'alone':>9} {'GFLOP/s':>8}  shapes")
+    for r in sorted(rows, key=lambda r: -r[0]):
+        print(f"{r[0]:9.1f} {r[1]:9.1f} {r[2]:8.1f}  {r[3]} @ {r[4]} x{r[5]}")
+    print(f"step {step_ms:.1f} ms (with the timing wrappers); the matmuls {in_step:.1f} ms in the step, "
+          f"{alone:.1f} ms alone (best of 5); sgemm {bench.sgemm_gflops():.1f} GFLOP/s")
+
+
+def _time(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(args[0], int(args[1]), int(args[2])) if args else main()
