@@ -189,8 +189,8 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
         text = sample_text(model, tokenizer, tc.sample_tokens * 2, tc.seed)
         print(f"--- sample after {last} steps ---\n{text}\n---", flush=True)
         summary["sample"] = text
-    print(f"done: loss {loss:.4f}, val loss {val_loss:.4f}; log {out / 'log.jsonl'}, plot {out / 'loss.png'}",
-          flush=True)
+    val = f"val loss {val_loss:.4f}" if math.isfinite(val_loss) else "no val loss in these steps"
+    print(f"done: loss {loss:.4f}, {val}; log {out / 'log.jsonl'}, plot {out / 'loss.png'}", flush=True)
     return summary
 
 

@@ -107,6 +107,7 @@ def test_resume_keeps_the_saved_flags_names_changes_and_extends(env):
     assert straight.returncode == 0, straight.stderr
     r = train(root, *args, "--steps", "6", "--lr-schedule", "linear", "--stop-at", "3", "--out", "remember")
     assert r.returncode == 0, r.stderr
+    assert "done: loss" in r.stdout and "no val loss in these steps" in r.stdout     # not "val loss nan"
     # no --steps, --lr-schedule: the saved ones; the result equals the run that never stopped
     r = train(root, "--out", "remember", "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
