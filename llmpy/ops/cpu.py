@@ -69,6 +69,35 @@ def synchronize():
 
 
 # ----------------------------------------------------------------------------
+# compiled loops: where numba is installed, the ops below that have one in
+# ops/cpu_kernels.py hand it their arrays (the same math in fewer passes);
+# the NumPy code after that hand-off is the reference.
+
+compiled = True     # False: always the NumPy code (the tests check both against finite differences)
+_kernels_module = None
+
+
+def _kernels(*arrays, float64=False):
+    """ops/cpu_kernels.py if it may run on these arrays (numba installed,
+    `compiled` on, all C-contiguous float32, or float64 too where the loop
+    is written for either), else None."""
+    global _kernels_module
+    if not compiled:
+        return None
+    if _kernels_module is None:
+        from . import cpu_kernels              # (imports numba, ~0.3 s: on first use only)
+        _kernels_module = cpu_kernels if cpu_kernels.available else False
+    if _kernels_module is False:
+        return None
+    dt = arrays[0].dtype
+    if dt != np.float32 and not (float64 and dt == np.float64):
+        return None
+    if not all(a.dtype == dt and a.flags.c_contiguous for a in arrays):
+        return None
+    return _kernels_module
+
+
+# ----------------------------------------------------------------------------
 # encoder: out[b, t] = wte[ids[b, t]] + wpe[t]
 
 def encoder_forward(out, ids, wte, wpe):
@@ -96,36 +125,13 @@ def encoder_backward(dwte, dwpe, dout, ids, acc=True, sorted_order=None):
 # ----------------------------------------------------------------------------
 # layernorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(var + eps)
 
-# The three layernorm ops below are the reference. Where numba is installed
-# (and `compiled` is on) they hand C-contiguous float arrays to
-# ops/cpu_kernels.py, which runs the same math in one pass per row instead of
-# NumPy's 7 to 15 passes over (N, C).
-
-compiled = True     # False: always the NumPy code here (the tests check both against finite differences)
-_kernels_module = None
-
-
-def _kernels(*arrays):
-    """ops/cpu_kernels.py if it may run on these arrays (numba installed,
-    `compiled` on, all C-contiguous, one float dtype), else None."""
-    global _kernels_module
-    if not compiled:
-        return None
-    if _kernels_module is None:
-        from . import cpu_kernels              # (imports numba, ~0.3 s: on first use only)
-        _kernels_module = cpu_kernels if cpu_kernels.available else False
-    if _kernels_module is False:
-        return None
-    dt = arrays[0].dtype
-    if dt not in (np.float32, np.float64) or not all(a.dtype == dt and a.flags.c_contiguous for a in arrays):
-        return None
-    return _kernels_module
-
+# The three layernorm ops below are the reference; where they may, they run
+# as one compiled pass per row instead of NumPy's 7 to 15 passes over (N, C).
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias):
     # out, inp (N, C); mean, rstd (N,); weight, bias (C,)
     C = inp.shape[-1]
-    if k := _kernels(out, mean, rstd, inp, weight, bias):
+    if k := _kernels(out, mean, rstd, inp, weight, bias, float64=True):
         return k.layernorm_forward(out.reshape(-1, C), mean, rstd, inp.reshape(-1, C), weight, bias, LN_EPS)
     np.mean(inp, axis=-1, out=mean)
     np.subtract(inp, mean[:, None], out=out)            # out holds x - mean
@@ -140,7 +146,7 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
 def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias):
     # The residual add fused with the layernorm after it (one kernel on the
     # GPU): res = a + b (res may be a), out = layernorm(res).
-    if k := _kernels(res, out, mean, rstd, a, b, weight, bias):
+    if k := _kernels(res, out, mean, rstd, a, b, weight, bias, float64=True):
         C = a.shape[-1]
         rows = [x.reshape(-1, C) for x in (res, out)]
         return k.residual_layernorm_forward(*rows, mean, rstd, a.reshape(-1, C), b.reshape(-1, C), weight, bias,
@@ -155,7 +161,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     # (mean and rstd depend on every x of the row: the two subtracted terms).
     # dinp is ADDED to (the residual stream's gradient); scratch is (2, N, C).
     C = inp.shape[-1]
-    if k := _kernels(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
+    if k := _kernels(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, float64=True):
         rows = [x.reshape(-1, C) for x in (dinp, dout, inp)]
         return k.layernorm_backward(rows[0], dweight, dbias, rows[1], rows[2], weight, mean, rstd,
                                     scratch.reshape(2, -1, C), acc)
@@ -232,7 +238,7 @@ def attention_forward(out, att, qkv, n_head):
     hs = C3 // (3 * n_head)
     scale, masked = 1.0 / math.sqrt(hs), shared.upper_triangle(np, T)
     y = out.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    kernels = _kernels(att) if att.dtype == np.float32 else None      # the softmax in one compiled call
+    kernels = _kernels(att)          # the softmax in one compiled call a sequence
 
     def sequences(lo, hi):
         # sequences lo:hi, every head: both products and the softmax's five
@@ -270,7 +276,7 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
     dq, dk, dv = shared.split_heads(dqkv, B, T, n_head)
     dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     scale = 1.0 / math.sqrt(hs)
-    kernels = _kernels(att, datt) if att.dtype == np.float32 else None
+    kernels = _kernels(att, datt)
 
     def sequences(lo, hi):
         # sequences lo:hi, every head, as in attention_forward
@@ -295,7 +301,7 @@ def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
 # gelu, tanh form: y = 0.5 x (1 + tanh(u)),  u = s (x + a x^3),  s = sqrt(2/pi)
 
 def gelu_forward(out, inp):
-    if (k := _kernels(out, inp)) and out.dtype == np.float32:
+    if k := _kernels(out, inp):
         return k.gelu_forward(out.reshape(-1), inp.reshape(-1))     # one pass, on every core
     u = np.multiply(inp, inp, out=out)
     u *= GELU_A
@@ -320,7 +326,7 @@ def _for_elementwise_blocks(fn, *arrays):
 def gelu_backward(dinp, inp, dout, scratch):
     # dy/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) s (1 + 3 a x^2)
     # dinp may be the same array as dout; scratch has inp's shape.
-    if (k := _kernels(dinp, inp, dout)) and inp.dtype == np.float32:
+    if k := _kernels(dinp, inp, dout):
         return k.gelu_backward(dinp.reshape(-1), inp.reshape(-1), dout.reshape(-1))
     _for_elementwise_blocks(_gelu_backward_rows, dinp, inp, dout, scratch)
 
@@ -369,7 +375,7 @@ _ROWS = 8   # rows per chunk: 8 x 50257 floats stay in L2 while we exp them
 def crossentropy_forward(losses, lse, logits, targets, V=None):
     # losses, lse (N,); logits (N, Vp), V <= Vp real columns (default: all); targets (N,) int
     N = logits.shape[0]
-    if (k := _kernels(logits, losses, lse)) and logits.dtype == np.float32:
+    if k := _kernels(logits, losses, lse):
         return k.crossentropy_forward(losses, lse, logits, V or logits.shape[1], targets)   # 2 passes a row
     logits = logits[:, :V]
 
@@ -395,7 +401,7 @@ def crossentropy_forward_backward(losses, lse, logits, targets, dloss, V=None):
     # so the exponentials computed for the loss are the gradient's too.
     N = logits.shape[0]
     logits[:, V if V is not None else logits.shape[1]:] = 0
-    if (k := _kernels(logits, losses, lse)) and logits.dtype == np.float32:
+    if k := _kernels(logits, losses, lse):
         return k.crossentropy_forward_backward(losses, lse, logits, V or logits.shape[1], targets, dloss)
     logits = logits[:, :V]
 
@@ -422,7 +428,7 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
     # 1 / (N * accumulation steps) for a mean); padded columns >= V become 0.
     N = logits.shape[0]
     logits[:, V if V is not None else logits.shape[1]:] = 0
-    if (k := _kernels(logits, lse)) and logits.dtype == np.float32:
+    if k := _kernels(logits, lse):
         return k.crossentropy_backward(logits, V or logits.shape[1], lse, targets, dloss)
     logits = logits[:, :V]
 
@@ -444,7 +450,7 @@ def crossentropy_backward(logits, lse, targets, dloss, V=None):
 
 def sum_of_squares(x):
     x = x.reshape(-1)
-    if k := _kernels(x):
+    if k := _kernels(x, float64=True):
         return k.sum_of_squares(x)      # on every core, in float64 over 4 MB blocks
     return float(np.dot(x, x))
 
