@@ -14,6 +14,13 @@ from llmpy.ops import cpu, cpu_kernels
 pytestmark = pytest.mark.skipif(not cpu_kernels.available, reason="needs numba")
 
 
+@pytest.fixture(autouse=True)
+def small_arrays_compiled_too(monkeypatch):
+    # cpu.py runs arrays under compiled_min floats in NumPy; the tests below
+    # mean the compiled loops whatever the size
+    monkeypatch.setattr(cpu, "compiled_min", 0)
+
+
 @pytest.mark.parametrize("weight_decay, grad_scale", [(0.1, 1.0), (0.0, 0.37), (0.1, 0.37)])
 def test_compiled_adamw_is_the_reference_to_the_bit(weight_decay, grad_scale):
     rng = np.random.default_rng(0)
@@ -287,3 +294,15 @@ def test_compiled_attention_softmax_matches_float64(B, T, NH, hs):
         assert _rel(g, r) < 1e-6, name
     upper = np.triu(np.ones((T, T), bool), k=1)
     assert not got[1][:, :, upper].any()                # masked entries are exactly 0
+
+
+def test_small_arrays_take_the_numpy_code(monkeypatch):
+    # below compiled_min floats cpu.py does not call the compiled loops (nor import numba for them)
+    monkeypatch.setattr(cpu, "compiled_min", 1 << 14)
+    calls = []
+    forward = cpu_kernels.layernorm_forward
+    monkeypatch.setattr(cpu_kernels, "layernorm_forward", lambda *a: calls.append(a[0].size) or forward(*a))
+    for N in (4, 64):                                   # 4 x 768 floats: NumPy; 64 x 768: compiled
+        x, w, b, _ = _layernorm_case(N, 768)
+        cpu.layernorm_forward(np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32), x, w, b)
+    assert calls == [64 * 768]

@@ -79,6 +79,7 @@ def kernels(request, monkeypatch):
     if request.param == "compiled" and not cpu_kernels.available:
         pytest.skip("needs numba")
     monkeypatch.setattr(ops, "compiled", request.param == "compiled")
+    monkeypatch.setattr(ops, "compiled_min", 0)         # the small test tensors too
     return request.param
 
 

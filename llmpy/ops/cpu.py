@@ -74,15 +74,19 @@ def synchronize():
 # the NumPy code after that hand-off is the reference.
 
 compiled = True     # False: always the NumPy code (the tests check both against finite differences)
+compiled_min = 1 << 14      # floats in the first array below which the NumPy code runs (tests: 0)
 _kernels_module = None
 
 
 def _kernels(*arrays, float64=False):
     """ops/cpu_kernels.py if it may run on these arrays (numba installed,
     `compiled` on, all C-contiguous float32, or float64 too where the loop
-    is written for either), else None."""
+    is written for either, and at least compiled_min floats), else None.
+    (Below compiled_min a compiled call gains next to nothing, and the first
+    one costs numba's import and cache load, ~0.6 s: `llmpy sample`, a
+    token at a time, starts without them.)"""
     global _kernels_module
-    if not compiled:
+    if not compiled or arrays[0].size < compiled_min:
         return None
     if _kernels_module is None:
         from . import cpu_kernels              # (imports numba, ~0.3 s: on first use only)
