@@ -16,7 +16,7 @@ cpu_parallel pool's threads run it side by side on their rows.
   C-contiguous float arrays). The math is cpu.py's, with its derivatives;
   sums run in another order, so results agree to float32 rounding.
 
-numba compiles a loop on first use (~4 s for all of them, once) and caches
+numba compiles the loops on first use (3-4 s for all of them, once) and caches
 the machine code next to this file (cache=True), so later runs start at
 once. Without numba (an optional dependency) the NumPy code runs.
 """
