@@ -362,6 +362,21 @@ def test_matmul_backward_acc_semantics(rng, mm_inputs):
         np.testing.assert_allclose(dinp, ref_dinp, rtol=1e-12, atol=1e-12)
 
 
+def test_matmul_backward_acc_in_float32_adds_block_by_block(rng, monkeypatch):
+    """float32 dW accumulation goes through a reused buffer, a block of dW's
+    rows at a time (no (OC, C) temporary): the blocks, and a last short one,
+    add up to float64's dW + dout^T inp."""
+    monkeypatch.setattr(ops, "_ACC_ROWS", 7 * 24)          # 7 rows of C = 24 a block: 29 rows in 5 blocks
+    inp, dout = rng.standard_normal((40, 24)), rng.standard_normal((40, 29))
+    w, g_w = rng.standard_normal((29, 24)), rng.standard_normal((29, 24))
+    dw = g_w.astype(np.float32)
+    ops.matmul_backward(None, dw, None, dout.astype(np.float32), inp.astype(np.float32), w.astype(np.float32),
+                        acc=True)
+    assert dw.dtype == np.float32
+    ref = np.float64(g_w.astype(np.float32)) + np.float64(dout.astype(np.float32)).T @ inp.astype(np.float32)
+    assert rel_err(dw, ref) < FWD32_RTOL
+
+
 def test_matmul_backward_without_dinp(rng, mm_inputs):
     """dinp=None (the first layer needs no input gradient) still computes dW and db."""
     inp, w, b = mm_inputs

@@ -214,13 +214,33 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
         if gelu_inp is not None:
             gelu_backward(dinp, gelu_inp, dinp, gelu_scratch)
     if acc:
-        dweight += dout.T @ inp
+        _matmul_accumulate(dweight, dout.T, inp)
         if dbias is not None:
             dbias += dout.sum(axis=0)
     else:
         np.matmul(dout.T, inp, out=dweight)
         if dbias is not None:
             np.sum(dout, axis=0, out=dbias)
+
+
+_ACC_ROWS = 1 << 20     # floats of dweight a block: 4 MB, still in cache when it is added
+
+
+def _matmul_accumulate(dweight, a, b):
+    # dweight += a @ b in blocks of dweight's rows through a reused buffer.
+    # NumPy's matmul cannot add into its output (BLAS's beta = 1), and
+    # `dweight += a @ b` allocates an (OC, C) temporary on every call: 154 MB
+    # for the LM head, page-faulted in again on every micro-step of gradient
+    # accumulation, then read back from memory to be added.
+    OC, C = dweight.shape
+    if dweight.dtype != np.float32:        # (the work buffers are float32; float64 only in the tests)
+        dweight += a @ b
+        return
+    rows = max(1, _ACC_ROWS // C)
+    for lo in range(0, OC, rows):
+        hi = min(lo + rows, OC)
+        part = np.matmul(a[lo:hi], b, out=_work_buffer((hi - lo, C), 2))
+        dweight[lo:hi] += part
 
 
 # ----------------------------------------------------------------------------
