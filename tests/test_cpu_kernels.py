@@ -306,3 +306,16 @@ def test_small_arrays_take_the_numpy_code(monkeypatch):
         x, w, b, _ = _layernorm_case(N, 768)
         cpu.layernorm_forward(np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32), x, w, b)
     assert calls == [64 * 768]
+
+
+def test_the_environment_can_turn_the_compiled_loops_off():
+    import os
+    import subprocess
+    import sys
+    code = "from llmpy.ops import cpu; print(cpu.compiled)"
+    for value, expect in (("0", "False"), ("1", "True"), (None, "True")):
+        env = {k: v for k, v in os.environ.items() if k != "LLMPY_CPU_KERNELS"}
+        if value is not None:
+            env["LLMPY_CPU_KERNELS"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expect

@@ -21,6 +21,7 @@ here is the reference, and `compiled = False` makes every op use it.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -73,7 +74,9 @@ def synchronize():
 # ops/cpu_kernels.py hand it their arrays (the same math in fewer passes);
 # the NumPy code after that hand-off is the reference.
 
-compiled = True     # False: always the NumPy code (the tests check both against finite differences)
+# False: always the NumPy code (the tests check both against finite differences);
+# LLMPY_CPU_KERNELS=0 in the environment starts a process with it off
+compiled = os.environ.get("LLMPY_CPU_KERNELS", "1") != "0"
 compiled_min = 1 << 14      # floats in the first array below which the NumPy code runs (tests: 0)
 _kernels_module = None
 
