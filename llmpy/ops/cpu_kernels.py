@@ -466,9 +466,9 @@ if numba is not None:
         # dlogits = (exp(x - lse) - onehot) dloss, one pass over each row
         for i in range(logits.shape[0]):
             row = logits[i][:V]
-            l = lse[i]
+            lse_i = lse[i]
             for j in range(V):
-                row[j] = _exp(row[j] - l) * dloss
+                row[j] = _exp(row[j] - lse_i) * dloss
             row[targets[i]] -= dloss
 
 
@@ -509,7 +509,8 @@ def crossentropy_backward(logits, V, lse, targets, dloss):
 # attention's softmax, causal: one compiled call per sequence where NumPy makes
 # five passes over all (NH, T, T) scores (scale, mask, max, exp, sum and
 # divide) and its backward four. Row t has t + 1 live entries (s <= t); the
-# rest are written 0 without being computed, which halves the work.
+# rest are written 0 without being computed, which halves the softmax's work
+# (the products around it still compute every entry).
 
 if numba is not None:
     @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=_REORDER)
