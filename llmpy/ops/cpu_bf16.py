@@ -116,17 +116,10 @@ def _as_bf16(x, which: str):
     return buf
 
 
-def _split_rows(n_rows: int, row_size: int, fn):
-    """fn(lo, hi) over one block of rows per thread (MKL runs sequential in
-    each), or inline for a small product."""
-    per = -(-n_rows // cpu_parallel.threads())
-    cpu_parallel.for_row_blocks(fn, n_rows, row_size, block=per * row_size)
-
-
 def matmul_forward(out, inp, weight, bias, gelu_out=None):
     # out (N, OC), inp (N, C), weight (OC, C) bf16, bias (OC,) bf16 or None
     a = _as_bf16(inp, "inp")
-    _split_rows(*out.shape, lambda lo, hi: mkl.gemm(out[lo:hi], a[lo:hi], weight, False, True))
+    cpu_parallel.for_thread_blocks(lambda lo, hi: mkl.gemm(out[lo:hi], a[lo:hi], weight, False, True), *out.shape)
     if bias is not None:
         out += _f32(bias)
     if gelu_out is not None:
@@ -137,12 +130,14 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
     # dinp = dout @ W (N, C);  dW (+)= dout^T @ inp (OC, C);  db (+)= sum_n dout (OC,)
     d16 = _as_bf16(dout, "dout")
     if dinp is not None:
-        _split_rows(*dinp.shape, lambda lo, hi: mkl.gemm(dinp[lo:hi], d16[lo:hi], weight, False, False))
+        cpu_parallel.for_thread_blocks(lambda lo, hi: mkl.gemm(dinp[lo:hi], d16[lo:hi], weight, False, False),
+                                       *dinp.shape)
         if gelu_inp is not None:
             gelu_backward(dinp, gelu_inp, dinp, gelu_scratch)
     x16 = _as_bf16(inp, "inp")
     beta = 1.0 if acc else 0.0
-    _split_rows(*dweight.shape, lambda lo, hi: mkl.gemm(dweight[lo:hi], d16[:, lo:hi], x16, True, False, beta))
+    cpu_parallel.for_thread_blocks(lambda lo, hi: mkl.gemm(dweight[lo:hi], d16[:, lo:hi], x16, True, False, beta),
+                                   *dweight.shape)
     if dbias is not None:
         if acc:
             dbias += dout.sum(axis=0)

@@ -173,50 +173,44 @@ if numba is not None:
         return s
 
 
-def _row_block(n_rows: int, row_size: int) -> int:
-    # Each row is one pass in L1, so a block needs no cache-sized bound: rows
-    # are cut evenly over the pool's threads, or not at all below
-    # LN_PARALLEL floats, where handing half to a thread (~0.1 ms, measured on
-    # 2 cores) costs more than it saves.
-    from .cpu_parallel import threads
-    nt = threads() if n_rows * row_size >= LN_PARALLEL else 1
-    return -(-n_rows // nt) * row_size
-
-
+# Each row is one pass in L1, so a block needs no cache-sized bound: one block
+# of rows per thread (cpu_parallel.for_thread_blocks), or one in all below
+# LN_PARALLEL floats, where handing half to a thread (~0.1 ms, measured on
+# 2 cores) costs more than it saves.
 LN_PARALLEL = 1 << 20
 
 
 def layernorm_forward(out, mean, rstd, inp, weight, bias, eps):
     """cpu.layernorm_forward on 2-D C-contiguous arrays, one pass per row."""
-    from .cpu_parallel import for_row_blocks
+    from .cpu_parallel import for_thread_blocks
     N, C = inp.shape
     zero = inp.dtype.type(0)
-    for_row_blocks(lambda lo, hi: _layernorm_rows(out, mean, rstd, inp, weight, bias, eps, zero, lo, hi),
-                   N, C, block=_row_block(N, C))
+    for_thread_blocks(lambda lo, hi: _layernorm_rows(out, mean, rstd, inp, weight, bias, eps, zero, lo, hi),
+                      N, C, LN_PARALLEL)
 
 
 def residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias, eps):
     """cpu.residual_layernorm_forward (res may be a), one pass per row."""
-    from .cpu_parallel import for_row_blocks
+    from .cpu_parallel import for_thread_blocks
     N, C = a.shape
     zero = a.dtype.type(0)
-    for_row_blocks(lambda lo, hi: _residual_layernorm_rows(res, out, mean, rstd, a, b, weight, bias, eps, zero,
-                                                           lo, hi), N, C, block=_row_block(N, C))
+    for_thread_blocks(lambda lo, hi: _residual_layernorm_rows(res, out, mean, rstd, a, b, weight, bias, eps, zero,
+                                                              lo, hi), N, C, LN_PARALLEL)
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, acc):
     """cpu.layernorm_backward (dinp added to) in one pass per row (two over
     the row in L1). Block k's sums of dweight, dbias go to scratch[0, k],
     scratch[1, k] and are added up after, in block order."""
-    from .cpu_parallel import blocks, for_row_blocks
+    from .cpu_parallel import for_thread_blocks, rows_per_thread
     N, C = inp.shape
-    block = _row_block(N, C)
-    rows = block // C
+    rows = rows_per_thread(N, C, LN_PARALLEL)
     part_w, part_b = scratch[0], scratch[1]
     zero = inp.dtype.type(0)
-    for_row_blocks(lambda lo, hi: _layernorm_backward_rows(dinp, part_w[lo // rows], part_b[lo // rows], dout, inp,
-                                                           weight, mean, rstd, zero, lo, hi), N, C, block=block)
-    nb = len(blocks(N, C, block))
+    for_thread_blocks(lambda lo, hi: _layernorm_backward_rows(dinp, part_w[lo // rows], part_b[lo // rows], dout,
+                                                              inp, weight, mean, rstd, zero, lo, hi),
+                      N, C, LN_PARALLEL)
+    nb = -(-N // rows)
     if acc:
         dweight += part_w[:nb].sum(axis=0)
         dbias += part_b[:nb].sum(axis=0)
@@ -378,25 +372,16 @@ if numba is not None:
                 dinp_k[i] = ds[i] * _gelu_grad(xs[i])
 
 
-def _halves(n: int) -> int:
-    # elements per call: n cut evenly over the pool's threads (inline if small)
-    from .cpu_parallel import MIN_PARALLEL, threads
-    nt = threads() if n >= MIN_PARALLEL else 1
-    return max(1, -(-n // nt))
-
-
 def gelu_forward(out, inp):
     """cpu.gelu_forward on 1-D contiguous float32 arrays."""
-    from .cpu_parallel import for_row_blocks
-    n = inp.shape[0]
-    for_row_blocks(lambda lo, hi: _gelu_forward(out[lo:hi], inp[lo:hi]), n, 1, block=_halves(n))
+    from .cpu_parallel import for_thread_blocks
+    for_thread_blocks(lambda lo, hi: _gelu_forward(out[lo:hi], inp[lo:hi]), inp.shape[0], 1)
 
 
 def gelu_backward(dinp, inp, dout):
     """cpu.gelu_backward on 1-D contiguous float32 arrays (dinp may be dout)."""
-    from .cpu_parallel import for_row_blocks
-    n = inp.shape[0]
-    for_row_blocks(lambda lo, hi: _gelu_backward(dinp[lo:hi], inp[lo:hi], dout[lo:hi]), n, 1, block=_halves(n))
+    from .cpu_parallel import for_thread_blocks
+    for_thread_blocks(lambda lo, hi: _gelu_backward(dinp[lo:hi], inp[lo:hi], dout[lo:hi]), inp.shape[0], 1)
 
 
 # ----------------------------------------------------------------------------
@@ -472,37 +457,28 @@ if numba is not None:
             row[targets[i]] -= dloss
 
 
-def _rows_per_thread(n_rows: int, row_size: int) -> int:
-    from .cpu_parallel import MIN_PARALLEL, threads
-    nt = threads() if n_rows * row_size >= MIN_PARALLEL else 1
-    return -(-n_rows // nt) * row_size
-
-
 def crossentropy_forward(losses, lse, logits, V, targets):
     """cpu.crossentropy_forward on C-contiguous float32 logits (N, Vp), V <= Vp real columns."""
-    from .cpu_parallel import for_row_blocks
-    N = logits.shape[0]
-    for_row_blocks(lambda lo, hi: _crossentropy_rows(losses[lo:hi], lse[lo:hi], logits[lo:hi], V, targets[lo:hi],
-                                                     np.float32(0), False), N, V, block=_rows_per_thread(N, V))
+    from .cpu_parallel import for_thread_blocks
+    for_thread_blocks(lambda lo, hi: _crossentropy_rows(losses[lo:hi], lse[lo:hi], logits[lo:hi], V, targets[lo:hi],
+                                                        np.float32(0), False), logits.shape[0], V)
 
 
 def crossentropy_forward_backward(losses, lse, logits, V, targets, dloss):
     """cpu.crossentropy_forward_backward: logits[:, :V] become the gradient
     (the caller zeroes the padding)."""
-    from .cpu_parallel import for_row_blocks
-    N = logits.shape[0]
+    from .cpu_parallel import for_thread_blocks
     d = np.float32(dloss)
-    for_row_blocks(lambda lo, hi: _crossentropy_rows(losses[lo:hi], lse[lo:hi], logits[lo:hi], V, targets[lo:hi],
-                                                     d, True), N, V, block=_rows_per_thread(N, V))
+    for_thread_blocks(lambda lo, hi: _crossentropy_rows(losses[lo:hi], lse[lo:hi], logits[lo:hi], V, targets[lo:hi],
+                                                        d, True), logits.shape[0], V)
 
 
 def crossentropy_backward(logits, V, lse, targets, dloss):
     """cpu.crossentropy_backward: logits[:, :V] become the gradient."""
-    from .cpu_parallel import for_row_blocks
-    N = logits.shape[0]
+    from .cpu_parallel import for_thread_blocks
     d = np.float32(dloss)
-    for_row_blocks(lambda lo, hi: _crossentropy_backward_rows(logits[lo:hi], V, lse[lo:hi], targets[lo:hi], d),
-                   N, V, block=_rows_per_thread(N, V))
+    for_thread_blocks(lambda lo, hi: _crossentropy_backward_rows(logits[lo:hi], V, lse[lo:hi], targets[lo:hi], d),
+                      logits.shape[0], V)
 
 
 # ----------------------------------------------------------------------------

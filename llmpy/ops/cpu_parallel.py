@@ -149,6 +149,21 @@ def for_row_blocks(fn, n_rows: int, row_size: int, block: int = BLOCK, blas_insi
         _run_on_pool(fn, parts, nt)
 
 
+def rows_per_thread(n_rows: int, row_size: int, min_parallel: int = MIN_PARALLEL) -> int:
+    """Rows in each block of for_thread_blocks: n_rows cut evenly over the
+    pool's threads, or all of them in one block below min_parallel floats."""
+    nt = threads() if n_rows * row_size >= min_parallel else 1
+    return max(1, -(-n_rows // nt))
+
+
+def for_thread_blocks(fn, n_rows: int, row_size: int, min_parallel: int = MIN_PARALLEL):
+    """fn(lo, hi) over ONE block of rows per thread (see rows_per_thread):
+    for work that needs no cache-sized blocks (a compiled loop, a sequential
+    MKL call per block), where every extra call from Python costs a GIL
+    round trip. Inline below min_parallel floats."""
+    for_row_blocks(fn, n_rows, row_size, block=rows_per_thread(n_rows, row_size, min_parallel) * row_size)
+
+
 def _run_on_pool(fn, parts, nt):
 
     def work(i):
