@@ -1,6 +1,7 @@
 """Where a CPU training step's matmul time goes, shape by shape.
 
-Every np.matmul of the NumPy backend (llmpy/ops/cpu.py) is timed inside a
+Every product of the NumPy backend (llmpy/ops/cpu.py: its 2-D `_gemm`,
+on MKL or NumPy's BLAS, and attention's batched np.matmul) is timed inside a
 few real training steps (HostStep: forward, backward, clipping, AdamW), then
 every 2-D call is repeated at once (its operands now hot), and after the
 steps each distinct call runs again on its own (best of 5). The gap between
@@ -36,17 +37,27 @@ def main(model="d12", B=4, T=64, steps=5):
     again = collections.defaultdict(float)      # the same, of the repeat at once (2-D calls)
     operands = {}
 
-    def timed_matmul(a, b, out=None, **kw):
+    def timed(call, a, b, out, again_into=None):
         t = time.perf_counter()
-        r = np.matmul(a, b, out=out, **kw)
+        r = call(out)
         t1 = time.perf_counter()
         key = (a.shape, b.shape, a.strides, b.strides)
         times[key].append(t1 - t)
-        operands[key] = (a, b, out)
-        if a.ndim == 2 and out is not None:     # the same product into the same output: the step is unchanged
-            np.matmul(a, b, out=out, **kw)
+        operands[key] = (a, b, out, call)
+        if again_into is not None:              # the same product into a copy of the output: the step is unchanged
+            spare = again_into.copy()
+            t1 = time.perf_counter()
+            call(spare)
             again[key] += time.perf_counter() - t1
         return r
+
+    def timed_matmul(a, b, out=None, **kw):     # attention's batched products (and NumPy's BLAS inside _gemm)
+        if a.ndim == 2:
+            return np.matmul(a, b, out=out, **kw)
+        return timed(lambda o: np.matmul(a, b, out=o, **kw), a, b, out)
+
+    def timed_gemm(out, a, b, acc=False):       # every 2-D product, whichever BLAS cpu._gemm runs it on
+        return timed(lambda o: gemm(o, a, b, acc), a, b, out, again_into=out)
 
     cfg = preset(model, seq_len=T)
     m = GPT(cfg, device="cpu", seed=0)
@@ -59,24 +70,26 @@ def main(model="d12", B=4, T=64, steps=5):
     proxy.__dict__.update(np.__dict__)
     proxy.matmul = timed_matmul
     cpu.np = proxy
+    gemm, cpu._gemm = cpu._gemm, timed_gemm
     try:
         t0 = time.perf_counter()
         for t in range(3, 3 + steps):
             step(batch, 1e-4, t)
         step_ms = (time.perf_counter() - t0) / steps * 1e3
     finally:
-        cpu.np = np
+        cpu.np, cpu._gemm = np, gemm
     rows, in_step, alone = [], 0.0, 0.0
     for key, ts in times.items():
-        a, b, out = operands[key]
-        best = min(_time(lambda: np.matmul(a, b, out=out)) for _ in range(5))
+        a, b, out, call = operands[key]
+        best = min(_time(lambda: call(out)) for _ in range(5))
         ms_in, ms_alone = sum(ts) / steps * 1e3, best * len(ts) / steps * 1e3
         flop = 2 * np.prod(a.shape[:-1]) * a.shape[-1] * b.shape[-1] * len(ts) / steps
         ms_again = again[key] / steps * 1e3 if key in again else float("nan")
         rows.append((ms_in, ms_again, ms_alone, flop / ms_in / 1e6, key[0], key[1], len(ts) // steps))
         in_step += ms_in
         alone += ms_alone
-    print(f"{model} B={B} T={T}: ms per step, every np.matmul of the CPU backend")
+    print(f"{model} B={B} T={T}: ms per step, every product of the CPU backend "
+          f"(2-D: {'MKL' if cpu._mkl_module() else 'NumPy'})")
     print(f"{'in step':>9} {'again':>9} {'alone':>9} {'GFLOP/s':>8}  shapes")
     for r in sorted(rows, key=lambda r: -r[0]):
         print(f"{r[0]:9.1f} {r[1]:9.1f} {r[2]:9.1f} {r[3]:8.1f}  {r[4]} @ {r[5]} x{r[6]}")

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import contract, shared
 from .cpu_parallel import for_row_blocks as _for_row_blocks   # (private: public names here are the contract's ops)
+from .cpu_parallel import for_thread_blocks as _for_thread_blocks
 from .cpu_parallel import work_buffer as _work_buffer
 from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, shared with the kernels)
 
@@ -203,7 +204,7 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
 
 def matmul_forward(out, inp, weight, bias, gelu_out=None):
     # out (N, OC), inp (N, C), weight (OC, C), bias (OC,) or None
-    np.matmul(inp, weight.T, out=out)
+    _gemm(out, inp, weight.T)
     if bias is not None:
         out += bias
     if gelu_out is not None:
@@ -213,17 +214,86 @@ def matmul_forward(out, inp, weight, bias, gelu_out=None):
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=None, gelu_scratch=None):
     # dinp = dout @ W (N, C);  dW = dout^T @ inp (OC, C);  db = sum_n dout (OC,)
     if dinp is not None:
-        np.matmul(dout, weight, out=dinp)
+        _gemm(dinp, dout, weight)
         if gelu_inp is not None:
             gelu_backward(dinp, gelu_inp, dinp, gelu_scratch)
-    if acc:
-        _matmul_accumulate(dweight, dout.T, inp)
-        if dbias is not None:
+    _gemm(dweight, dout.T, inp, acc)
+    if dbias is not None:
+        if acc:
             dbias += dout.sum(axis=0)
-    else:
-        np.matmul(dout.T, inp, out=dweight)
-        if dbias is not None:
+        else:
             np.sum(dout, axis=0, out=dbias)
+
+
+# The 2-D products go to one of two BLAS libraries. NumPy's (OpenBLAS in
+# the pip wheel) splits a product over its own threads. Intel MKL's sgemm
+# (the optional `mkl` wheel, ops/mkl.py) runs sequential, one block of the
+# output per thread of our pool. On Intel Xeons MKL's kernels are the faster
+# at GPT-2's shapes, 256-row products included: 330-390 GFLOP/s against
+# OpenBLAS's 285-350 on 2 cores (bench/RESULTS.md, 2026-12-03). MKL can
+# also add into its output (BLAS's beta = 1), which gradient accumulation
+# wants. On AMD CPUs MKL is slower than OpenBLAS, so "auto" takes it on
+# Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment forces a choice.
+blas = os.environ.get("LLMPY_CPU_BLAS", "auto")       # "auto", "mkl" or "numpy"
+_mkl = None             # ops/mkl.py once chosen, False for NumPy's matmul
+GEMM_PARALLEL = 1 << 22  # M*N*K below which one thread runs the whole product (~8 MFLOP, ~25 us)
+
+
+def _mkl_module():
+    """ops/mkl.py if the float32 GEMMs go to MKL (see `blas`), else None."""
+    global _mkl
+    if _mkl is None:
+        if blas not in ("auto", "mkl", "numpy"):
+            from ..errors import LlmpyError
+            raise LlmpyError(f"LLMPY_CPU_BLAS={blas!r}: the choices are auto (MKL on Intel CPUs where it is "
+                             "installed), mkl and numpy")
+        _mkl = False
+        if blas == "mkl" or (blas == "auto" and _intel_cpu()):
+            from ..errors import LlmpyError
+            from . import mkl
+            try:
+                mkl.library()
+                _mkl = mkl
+            except LlmpyError:
+                if blas == "mkl":
+                    raise LlmpyError(f"LLMPY_CPU_BLAS=mkl, and Intel MKL's libmkl_rt was not found; "
+                                     f"{mkl.INSTALL_HINT}, or unset LLMPY_CPU_BLAS") from None
+    return _mkl or None
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip() == "GenuineIntel"
+    except OSError:
+        pass
+    return False
+
+
+def _gemm(out, a, b, acc=False):
+    """out = a @ b, or out += a @ b where acc: 2-D views, float32 through
+    MKL where it is the BLAS, else NumPy. MKL gets one block of out per
+    thread, cut along out's longer side (256-row products run best split
+    by columns), at multiples of 16 floats (a 64-byte cache line)."""
+    lib = _mkl_module()
+    if lib is None or out.dtype != np.float32 or a.dtype != np.float32 or b.dtype != np.float32:
+        if acc:
+            _matmul_accumulate(out, a, b)
+        else:
+            np.matmul(a, b, out=out)
+        return
+    M, N = out.shape
+    beta = 1.0 if acc else 0.0
+    work = M * N * a.shape[1]
+    if M >= N:
+        _for_thread_blocks(lambda lo, hi: lib.matmul(out[lo:hi], a[lo:hi], b, beta),
+                           M, work // max(M, 1), min_parallel=GEMM_PARALLEL)
+    else:
+        cols = -(-N // 16)
+        _for_thread_blocks(lambda lo, hi: lib.matmul(out[:, 16 * lo:16 * hi], a, b[:, 16 * lo:16 * hi], beta),
+                           cols, work // cols, min_parallel=GEMM_PARALLEL)
 
 
 _ACC_ROWS = 1 << 20     # floats of dweight a block: 4 MB, still in cache when it is added

@@ -56,8 +56,9 @@ def library():
     lib.MKL_Set_Interface_Layer(_INTERFACE_LP64)
     lib.MKL_Set_Threading_Layer(_THREADING_SEQUENTIAL)
     f, i, p = ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-    lib.cblas_gemm_bf16bf16f32.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
-    lib.cblas_gemm_bf16bf16f32.restype = None
+    for fn in (lib.cblas_gemm_bf16bf16f32, lib.cblas_sgemm):
+        fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+        fn.restype = None
     _lib = lib
     return lib
 
@@ -87,18 +88,37 @@ def _leading(x) -> int:
 
 
 def gemm(c, a, b, trans_a: bool, trans_b: bool, beta: float = 0.0):
-    """c = op(a) @ op(b) + beta c: a, b bfloat16 2-D views, c float32; op(x)
-    = x.T where trans_x. Strided views (a block of rows, a column slice of
-    rows) are read in place through their leading dimensions."""
+    """c = op(a) @ op(b) + beta c: a, b bfloat16 (cblas_gemm_bf16bf16f32) or
+    float32 (cblas_sgemm) 2-D views, c float32; op(x) = x.T where trans_x.
+    Strided views (a block of rows, a column slice of rows) are read in place
+    through their leading dimensions."""
     m, n = c.shape
     k = a.shape[0] if trans_a else a.shape[1]
     if c.dtype != np.float32 or (a.shape[1] if trans_a else a.shape[0]) != m \
-            or (b.shape[0] if trans_b else b.shape[1]) != n or (b.shape[1] if trans_b else b.shape[0]) != k:
-        raise ValueError(f"gemm shapes: c {c.shape} {c.dtype}, a {a.shape}{'^T' if trans_a else ''}, "
-                         f"b {b.shape}{'^T' if trans_b else ''}")
+            or (b.shape[0] if trans_b else b.shape[1]) != n or (b.shape[1] if trans_b else b.shape[0]) != k \
+            or a.dtype != b.dtype:
+        raise ValueError(f"gemm shapes: c {c.shape} {c.dtype}, a {a.shape}{'^T' if trans_a else ''} {a.dtype}, "
+                         f"b {b.shape}{'^T' if trans_b else ''} {b.dtype}")
     if m == 0 or n == 0:
         return
-    library().cblas_gemm_bf16bf16f32(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS,
-                                     _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
-                                     a.ctypes.data, _leading(a), b.ctypes.data, _leading(b),
-                                     float(beta), c.ctypes.data, _leading(c))
+    lib = library()
+    fn = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_gemm_bf16bf16f32
+    fn(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, 1.0,
+       a.ctypes.data, _leading(a), b.ctypes.data, _leading(b), float(beta), c.ctypes.data, _leading(c))
+
+
+def matmul(c, a, b, beta: float = 0.0):
+    """c = a @ b + beta c for 2-D views as NumPy indexes them (a @ b, not
+    op(a)): a view with contiguous columns instead of rows (x.T, a transposed
+    weight or dout.T) is passed to MKL as the transpose of the array it views,
+    so nothing is copied."""
+    a, trans_a = _as_row_major(a)
+    b, trans_b = _as_row_major(b)
+    gemm(c, a, b, trans_a, trans_b, beta)
+
+
+def _as_row_major(x):
+    """(x, False) if x's rows are contiguous, (x.T, True) if its columns are."""
+    if x.ndim == 2 and x.shape[1] > 1 and x.strides[1] != x.itemsize and x.strides[0] == x.itemsize:
+        return x.T, True
+    return x, False
