@@ -68,11 +68,12 @@ def flops_per_token(cfg: GPTConfig, T: int) -> float:
     return 6.0 * n_params_for_flops(cfg) + 12.0 * cfg.n_layer * T * cfg.n_embd
 
 
-def sgemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "fp32") -> float:
+def sgemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "fp32", backend: bool = True) -> float:
     """The CPU's matmul rate now, n^3, best of reps. fp32: the faster of
     NumPy's sgemm and the backend's own GEMM (ops.cpu._gemm: Intel MKL's
     sgemm where it is the BLAS), so the floor is what the best library here
-    does; bf16: MKL's bf16 GEMM as ops.cpu_bf16 runs it (a row block per core)."""
+    does (backend=False: NumPy's alone, for a process that must not load MKL,
+    see bench()); bf16: MKL's bf16 GEMM as ops.cpu_bf16 runs it (a row block per core)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -86,7 +87,7 @@ def sgemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "fp32") -> float:
         return _best_gflops(backend, n, reps)
     from .ops import cpu
     rates = []
-    if cpu._mkl_module() is not None:
+    if backend and cpu._mkl_module() is not None:
         # first: OpenBLAS's threads spin for a while after a call of their
         # own, and would take a core from the sequential MKL calls
         rates.append(_best_gflops(lambda: cpu.matmul_forward(c, a, b, None), n, reps))
@@ -271,6 +272,11 @@ def bench_torch(cfg, B, T, steps, threads, device="cpu", dtype="fp32", compile=F
     return times, round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
+def _mkl_loaded() -> bool:
+    from .ops import mkl
+    return mkl._lib is not None
+
+
 def _llmpy_supports(dtype, device):
     """Raise LlmpyError now, before minutes of measuring, if llmpy cannot run `dtype` on `device`."""
     from .ops import get_backend
@@ -298,7 +304,7 @@ def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp
     flops = matmul_flops(cfg, B, T)
     res["matmul_gflop_per_step"] = round(flops / 1e9, 2)
     if device == "cpu":
-        res["sgemm_gflops"] = round(sgemm_gflops(), 1)
+        res["sgemm_gflops"] = round(sgemm_gflops(backend=run_llmpy), 1)
         floor_ms = flops / (res["sgemm_gflops"] * 1e9) * 1000
         res["floor_ms"] = round(floor_ms, 1)
     else:
@@ -326,7 +332,7 @@ def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp
             # the rate again after the steps, the better of the two kept: a
             # neighbour's burst during one measurement must not lower the
             # floor (and inflate the share)
-            res["sgemm_gflops"] = round(max(res["sgemm_gflops"], sgemm_gflops()), 1)
+            res["sgemm_gflops"] = round(max(res["sgemm_gflops"], sgemm_gflops(backend=run_llmpy)), 1)
             floor_ms = flops / (res["sgemm_gflops"] * 1e9) * 1000
             res["floor_ms"] = round(floor_ms, 1)
             res["floor_share"] = round(floor_ms / ms, 3)
@@ -335,13 +341,20 @@ def bench(device="cpu", model="d12", B=4, T=64, steps=7, compare=None, dtype="fp
             import cupy
             gc.collect()                                        # llmpy's model is garbage now:
             cupy.get_default_memory_pool().free_all_blocks()   # hand its GPU memory back before torch
-    if compare == "torch":
+    if compare == "torch" and device == "cpu" and run_llmpy and _mkl_loaded() and not compile:
+        # PyTorch imported into a process that holds MKL's libraries binds
+        # its own MKL and thread-count calls to them (it then runs on one
+        # thread: d4 steps 40% slower, measured): so it runs in a child
+        tms = bench_child("torch_bf16" if dtype == "bf16" else "torch", model, B, T, steps)["torch_ms_per_step"]
+        tpeak_mib = None
+    elif compare == "torch":
         try:
             ttimes, tpeak_mib = bench_torch(cfg, B, T, steps, threads, device, dtype, compile)
         except Exception as e:
             _out_of_memory(e, "PyTorch", B, T)
             raise
         tms = statistics.median(ttimes) * 1000
+    if compare == "torch":
         res.update(torch_ms_per_step=round(tms, 1), torch_tokens_per_s=round(B * T / (tms / 1000), 1),
                    torch_compile=compile)
         if device != "cpu":

@@ -159,3 +159,21 @@ def test_an_unknown_choice_names_the_choices(monkeypatch):
     use_blas(monkeypatch, "openblas")
     with pytest.raises(LlmpyError, match="auto .*mkl and numpy"):
         cpu._mkl_module()
+
+
+@needs_mkl
+def test_bench_times_pytorch_in_a_child_once_mkl_is_loaded(monkeypatch):
+    # PyTorch imported where MKL's libraries are loaded binds its own MKL
+    # calls to them and runs on one thread: the comparison would flatter llmpy
+    from llmpy import bench
+    use_blas(monkeypatch, "mkl")
+    children = []
+
+    def child(side, model, B, T, steps):
+        children.append((side, model, B, T))
+        return {"torch_ms_per_step": 1000.0}
+    monkeypatch.setattr(bench, "bench_child", child)
+    monkeypatch.setattr(bench, "bench_torch", lambda *a, **k: pytest.fail("PyTorch timed in this process"))
+    res = bench.bench("cpu", "d2", 1, 16, steps=5, compare="torch")
+    assert children == [("torch", "d2", 1, 16)]
+    assert res["torch_ms_per_step"] == 1000.0 and res["ratio"] == round(res["ms_per_step"] / 1000.0, 3)

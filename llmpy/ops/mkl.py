@@ -11,6 +11,12 @@ libmkl_rt.so.3 in the environment's lib/ folder; a system MKL found by the
 dynamic loader works too. MKL runs sequential here: the backend splits each
 product into row blocks on its own thread pool (ops.cpu_parallel), so no
 OpenMP runtime is loaded beside NumPy's OpenBLAS (or PyTorch's, in tests).
+
+The fp32 CPU backend multiplies with MKL's sgemm too, on Intel CPUs
+(ops/cpu.py's `_gemm`). Once these libraries are loaded, a PyTorch imported
+into the same process binds its own MKL calls to them, thread counts
+included, and runs on one thread; `llmpy bench --compare torch` therefore
+times PyTorch in a child process of its own (bench.py).
 """
 from __future__ import annotations
 
