@@ -27,7 +27,8 @@ import numpy as np
 
 from . import contract, shared
 from .cpu_parallel import for_row_blocks as _for_row_blocks   # (private: public names here are the contract's ops)
-from .cpu_parallel import for_thread_blocks as _for_thread_blocks
+from . import cpu_parallel as _cpu_parallel
+from .cpu_parallel import for_gemm_blocks as _for_gemm_blocks
 from .cpu_parallel import work_buffer as _work_buffer
 from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, shared with the kernels)
 
@@ -236,7 +237,7 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment forces a choice.
 blas = os.environ.get("LLMPY_CPU_BLAS", "auto")       # "auto", "mkl" or "numpy"
 _mkl = None             # ops/mkl.py once chosen, False for NumPy's matmul
-GEMM_PARALLEL = 1 << 22  # M*N*K below which one thread runs the whole product (~8 MFLOP, ~25 us)
+GEMM_PARALLEL = _cpu_parallel.GEMM_PARALLEL    # M*N*K below which one thread runs a whole product
 
 
 def _mkl_module():
@@ -274,9 +275,8 @@ def _intel_cpu() -> bool:
 
 def _gemm(out, a, b, acc=False):
     """out = a @ b, or out += a @ b where acc: 2-D views, float32 through
-    MKL where it is the BLAS, else NumPy. MKL gets one block of out per
-    thread, cut along out's longer side (256-row products run best split
-    by columns), at multiples of 16 floats (a 64-byte cache line)."""
+    MKL where it is the BLAS (one block of out per thread:
+    cpu_parallel.for_gemm_blocks), else NumPy."""
     lib = _mkl_module()
     if lib is None or out.dtype != np.float32 or a.dtype != np.float32 or b.dtype != np.float32:
         if acc:
@@ -284,16 +284,9 @@ def _gemm(out, a, b, acc=False):
         else:
             np.matmul(a, b, out=out)
         return
-    M, N = out.shape
     beta = 1.0 if acc else 0.0
-    work = M * N * a.shape[1]
-    if M >= N:
-        _for_thread_blocks(lambda lo, hi: lib.matmul(out[lo:hi], a[lo:hi], b, beta),
-                           M, work // max(M, 1), min_parallel=GEMM_PARALLEL)
-    else:
-        cols = -(-N // 16)
-        _for_thread_blocks(lambda lo, hi: lib.matmul(out[:, 16 * lo:16 * hi], a, b[:, 16 * lo:16 * hi], beta),
-                           cols, work // cols, min_parallel=GEMM_PARALLEL)
+    _for_gemm_blocks(lambda rows, cols: lib.matmul(out[rows, cols], a[rows], b[:, cols], beta),
+                     *out.shape, a.shape[1], min_work=GEMM_PARALLEL)
 
 
 _ACC_ROWS = 1 << 20     # floats of dweight a block: 4 MB, still in cache when it is added

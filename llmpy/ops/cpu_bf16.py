@@ -116,10 +116,17 @@ def _as_bf16(x, which: str):
     return buf
 
 
+def _matmul(out, a, b, beta=0.0):
+    """out = a @ b + beta out: bf16 views a, b, float32 out; MKL, one block
+    of out's rows per thread (cpu_parallel.for_gemm_blocks)."""
+    cpu_parallel.for_gemm_blocks(lambda rows, cols: mkl.matmul(out[rows, cols], a[rows], b[:, cols], beta),
+                                 *out.shape, a.shape[1], min_work=cpu.GEMM_PARALLEL, by_rows=True)
+
+
 def matmul_forward(out, inp, weight, bias, gelu_out=None):
     # out (N, OC), inp (N, C), weight (OC, C) bf16, bias (OC,) bf16 or None
     a = _as_bf16(inp, "inp")
-    cpu_parallel.for_thread_blocks(lambda lo, hi: mkl.gemm(out[lo:hi], a[lo:hi], weight, False, True), *out.shape)
+    _matmul(out, a, weight.T)
     if bias is not None:
         out += _f32(bias)
     if gelu_out is not None:
@@ -130,14 +137,11 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
     # dinp = dout @ W (N, C);  dW (+)= dout^T @ inp (OC, C);  db (+)= sum_n dout (OC,)
     d16 = _as_bf16(dout, "dout")
     if dinp is not None:
-        cpu_parallel.for_thread_blocks(lambda lo, hi: mkl.gemm(dinp[lo:hi], d16[lo:hi], weight, False, False),
-                                       *dinp.shape)
+        _matmul(dinp, d16, weight)
         if gelu_inp is not None:
             gelu_backward(dinp, gelu_inp, dinp, gelu_scratch)
     x16 = _as_bf16(inp, "inp")
-    beta = 1.0 if acc else 0.0
-    cpu_parallel.for_thread_blocks(lambda lo, hi: mkl.gemm(dweight[lo:hi], d16[:, lo:hi], x16, True, False, beta),
-                                   *dweight.shape)
+    _matmul(dweight, d16.T, x16, 1.0 if acc else 0.0)
     if dbias is not None:
         if acc:
             dbias += dout.sum(axis=0)

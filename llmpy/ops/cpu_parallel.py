@@ -164,6 +164,29 @@ def for_thread_blocks(fn, n_rows: int, row_size: int, min_parallel: int = MIN_PA
     for_row_blocks(fn, n_rows, row_size, block=rows_per_thread(n_rows, row_size, min_parallel) * row_size)
 
 
+GEMM_PARALLEL = 1 << 22     # M*N*K below which one thread runs a whole product (~8 MFLOP, ~25 us)
+
+
+def for_gemm_blocks(fn, M: int, N: int, K: int, min_work: int | None = None, by_rows: bool = False):
+    """fn(rows, cols), two slices, over ONE block of an (M, N) product's
+    output per thread (K: the inner dimension), for a sequential library
+    GEMM per block (ops/mkl.py). The output is cut along its longer side:
+    GPT-2's 256-row products run best split by columns (measured with MKL,
+    bench/RESULTS.md 2026-12-03); columns at multiples of 16 floats (a
+    64-byte line), so no line is written by both threads. Inline below
+    min_work multiply-adds (default GEMM_PARALLEL). by_rows: always by rows
+    (MKL's bf16 GEMM: 1-3% faster so, in a d12 step)."""
+    work = M * N * K
+    min_work = GEMM_PARALLEL if min_work is None else min_work
+    everything = slice(None)
+    if M >= N or by_rows:
+        for_thread_blocks(lambda lo, hi: fn(slice(lo, hi), everything), M, N * K, min_work)
+    else:
+        lines = -(-N // 16)
+        for_thread_blocks(lambda lo, hi: fn(everything, slice(16 * lo, 16 * hi)), lines, max(1, work // lines),
+                          min_work)
+
+
 def _run_on_pool(fn, parts, nt):
 
     def work(i):
