@@ -233,8 +233,8 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # at GPT-2's shapes, 256-row products included: 330-390 GFLOP/s against
 # OpenBLAS's 285-350 on 2 cores (bench/RESULTS.md, 2026-12-03). MKL can
 # also add into its output (BLAS's beta = 1), which gradient accumulation
-# wants. On AMD CPUs MKL is slower than OpenBLAS, so "auto" takes it on
-# Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment forces a choice.
+# wants. On an AMD EPYC MKL's sgemm measured slower than OpenBLAS's
+# (2026-12-02), so "auto" takes it on Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment forces a choice.
 blas = os.environ.get("LLMPY_CPU_BLAS", "auto")       # "auto", "mkl" or "numpy"
 _mkl = None             # ops/mkl.py once chosen, False for NumPy's matmul
 GEMM_PARALLEL = _cpu_parallel.GEMM_PARALLEL    # M*N*K below which one thread runs a whole product
