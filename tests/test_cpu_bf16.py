@@ -13,13 +13,8 @@ import bf16_checks
 from llmpy.config import GPTConfig
 from llmpy.errors import LlmpyError
 from llmpy.ops import cpu, mkl
+from mkl_checks import MKL_MISSING, needs_mkl
 
-try:
-    mkl.library()
-    MKL_MISSING = None
-except LlmpyError as e:
-    MKL_MISSING = str(e)
-needs_mkl = pytest.mark.skipif(MKL_MISSING is not None, reason=str(MKL_MISSING))
 BF16 = bf16_checks.BF16
 
 
