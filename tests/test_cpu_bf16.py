@@ -11,7 +11,6 @@ import pytest
 
 import bf16_checks
 from llmpy.config import GPTConfig
-from llmpy.errors import LlmpyError
 from llmpy.ops import cpu, mkl
 from mkl_checks import MKL_MISSING, needs_mkl
 
