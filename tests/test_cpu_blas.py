@@ -172,3 +172,13 @@ def test_bench_times_pytorch_in_a_child_once_mkl_is_loaded(monkeypatch):
     res = bench.bench("cpu", "d2", 1, 16, steps=5, compare="torch")
     assert children == [("torch", "d2", 1, 16)]
     assert res["torch_ms_per_step"] == 1000.0 and res["ratio"] == round(res["ms_per_step"] / 1000.0, 3)
+
+
+def test_train_with_a_bad_choice_is_one_line_before_out_is_made(tmp_path, capsys, monkeypatch):
+    from llmpy import cli
+    use_blas(monkeypatch, "openblas")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", "d2", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "LLMPY_CPU_BLAS='openblas'" in err[0]
+    assert not out.exists()

@@ -36,6 +36,8 @@ def get_backend(device: str, dtype: str = "fp32"):
         return cpu_bf16
     if device == "cpu":
         from . import cpu
+        if cpu.blas != "auto":
+            cpu._mkl_module()            # LLMPY_CPU_BLAS misspelt, or =mkl without MKL: one line now
         return cpu
     if device == "cuda":
         try:
