@@ -229,12 +229,14 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # The 2-D products go to one of two BLAS libraries. NumPy's (OpenBLAS in
 # the pip wheel) splits a product over its own threads. Intel MKL's sgemm
 # (the optional `mkl` wheel, ops/mkl.py) runs sequential, one block of the
-# output per thread of our pool. On Intel Xeons MKL's kernels are the faster
-# at GPT-2's shapes, 256-row products included: 330-390 GFLOP/s against
-# OpenBLAS's 285-350 on 2 cores (bench/RESULTS.md, 2026-12-03). MKL can
-# also add into its output (BLAS's beta = 1), which gradient accumulation
-# wants. On an AMD EPYC MKL's sgemm measured slower than OpenBLAS's
-# (2026-12-02), so "auto" takes it on Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment forces a choice.
+# output per thread of our pool. On an Intel Xeon MKL's kernels were the
+# faster on every large product of a d12 step, 256-row ones included
+# (362-422 GFLOP/s against OpenBLAS's 318-395 on 2 cores; level on the
+# 768x768 ones: bench/RESULTS.md, 2026-12-03). MKL can also add into its
+# output (BLAS's beta = 1), which gradient accumulation wants. On an AMD
+# EPYC MKL's sgemm measured slower than OpenBLAS's (2026-12-02), so "auto"
+# takes it on Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment
+# forces a choice.
 blas = os.environ.get("LLMPY_CPU_BLAS", "auto")       # "auto", "mkl" or "numpy"
 _mkl = None             # ops/mkl.py once chosen, False for NumPy's matmul
 GEMM_PARALLEL = _cpu_parallel.GEMM_PARALLEL    # M*N*K below which one thread runs a whole product
