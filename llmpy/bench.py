@@ -88,8 +88,8 @@ def sgemm_gflops(n: int = 2048, reps: int = 5, dtype: str = "fp32", backend: boo
     from .ops import cpu
     rates = []
     if backend and cpu._mkl_module() is not None:
-        # first: OpenBLAS's threads spin for a while after a call of their
-        # own, and would take a core from the sequential MKL calls
+        # first: once OpenBLAS's threads have run in a process, the pool's
+        # two threads can share one core (bench/RESULTS.md, 2026-12-03)
         rates.append(_best_gflops(lambda: cpu.matmul_forward(c, a, b, None), n, reps))
     rates.append(_best_gflops(lambda: np.matmul(a, b, out=c), n, reps))
     return max(rates)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmpy.errors import LlmpyError
-from llmpy.ops import cpu, mkl
+from llmpy.ops import cpu, cpu_parallel, mkl
 from mkl_checks import MKL_MISSING, needs_mkl
 
 
@@ -27,7 +27,7 @@ def use_blas(monkeypatch, choice):
 @pytest.fixture(params=["numpy", pytest.param("mkl", marks=needs_mkl)])
 def blas(request, monkeypatch):
     use_blas(monkeypatch, request.param)
-    monkeypatch.setattr(cpu, "GEMM_PARALLEL", 0)    # the small test products are cut over the threads too
+    monkeypatch.setattr(cpu_parallel, "GEMM_PARALLEL", 0)    # the small test products are cut over the threads too
     return request.param
 
 
@@ -100,7 +100,7 @@ def test_training_steps_with_mkl_are_the_openblas_steps_in_another_order(monkeyp
     cfg = GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=4, n_embd=64)
     ids = np.random.default_rng(5).integers(0, 256, size=(4, 33))
     batch = (ids[:, :-1], ids[:, 1:])
-    monkeypatch.setattr(cpu, "GEMM_PARALLEL", 0)
+    monkeypatch.setattr(cpu_parallel, "GEMM_PARALLEL", 0)
     runs = {}
     for choice in ("numpy", "mkl"):
         use_blas(monkeypatch, choice)
@@ -118,10 +118,10 @@ def test_training_steps_with_mkl_are_the_openblas_steps_in_another_order(monkeyp
 
 def test_auto_takes_mkl_on_intel_cpus_only(monkeypatch):
     use_blas(monkeypatch, "auto")
-    monkeypatch.setattr(cpu, "_intel_cpu", lambda: False)
+    monkeypatch.setattr(mkl, "intel_cpu", lambda: False)
     assert cpu._mkl_module() is None
     use_blas(monkeypatch, "auto")
-    monkeypatch.setattr(cpu, "_intel_cpu", lambda: True)
+    monkeypatch.setattr(mkl, "intel_cpu", lambda: True)
     assert (cpu._mkl_module() is not None) == (MKL_MISSING is None)
 
 
@@ -133,7 +133,7 @@ def test_intel_cpu_reads_the_vendor_line(monkeypatch, tmp_path):
         info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx512f\n")
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p,
                                                                            *a, **k))
-        assert cpu._intel_cpu() is want
+        assert mkl.intel_cpu() is want
     monkeypatch.setattr(builtins, "open", real_open)
 
 
@@ -146,7 +146,7 @@ def test_mkl_asked_for_but_missing_is_one_line(monkeypatch):
     with pytest.raises(LlmpyError, match=r"LLMPY_CPU_BLAS=mkl.*pip install 'llmpy\[cpu-bf16\]'.*unset LLMPY_CPU_BLAS"):
         cpu._mkl_module()
     use_blas(monkeypatch, "auto")                       # auto without MKL: NumPy's BLAS, no error
-    monkeypatch.setattr(cpu, "_intel_cpu", lambda: True)
+    monkeypatch.setattr(mkl, "intel_cpu", lambda: True)
     assert cpu._mkl_module() is None
 
 

@@ -27,7 +27,6 @@ import numpy as np
 
 from . import contract, shared
 from .cpu_parallel import for_row_blocks as _for_row_blocks   # (private: public names here are the contract's ops)
-from . import cpu_parallel as _cpu_parallel
 from .cpu_parallel import for_gemm_blocks as _for_gemm_blocks
 from .cpu_parallel import work_buffer as _work_buffer
 from .contract import GELU_A, GELU_S, LN_EPS  # noqa: F401  (GPT-2's constants, shared with the kernels)
@@ -239,7 +238,6 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # forces a choice.
 blas = os.environ.get("LLMPY_CPU_BLAS", "auto")       # "auto", "mkl" or "numpy"
 _mkl = None             # ops/mkl.py once chosen, False for NumPy's matmul
-GEMM_PARALLEL = _cpu_parallel.GEMM_PARALLEL    # M*N*K below which one thread runs a whole product
 
 
 def _mkl_module():
@@ -251,9 +249,9 @@ def _mkl_module():
             raise LlmpyError(f"LLMPY_CPU_BLAS={blas!r}: the choices are auto (MKL on Intel CPUs where it is "
                              "installed), mkl and numpy")
         _mkl = False
-        if blas == "mkl" or (blas == "auto" and _intel_cpu()):
+        from . import mkl
+        if blas == "mkl" or (blas == "auto" and mkl.intel_cpu()):
             from ..errors import LlmpyError
-            from . import mkl
             try:
                 mkl.library()
                 _mkl = mkl
@@ -262,17 +260,6 @@ def _mkl_module():
                     raise LlmpyError(f"LLMPY_CPU_BLAS=mkl, and Intel MKL's libmkl_rt was not found; "
                                      f"{mkl.INSTALL_HINT}, or unset LLMPY_CPU_BLAS") from None
     return _mkl or None
-
-
-def _intel_cpu() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip() == "GenuineIntel"
-    except OSError:
-        pass
-    return False
 
 
 def _gemm(out, a, b, acc=False):
@@ -288,7 +275,7 @@ def _gemm(out, a, b, acc=False):
         return
     beta = 1.0 if acc else 0.0
     _for_gemm_blocks(lambda rows, cols: lib.matmul(out[rows, cols], a[rows], b[:, cols], beta),
-                     *out.shape, a.shape[1], min_work=GEMM_PARALLEL)
+                     *out.shape, a.shape[1])
 
 
 _ACC_ROWS = 1 << 20     # floats of dweight a block: 4 MB, still in cache when it is added

@@ -120,7 +120,7 @@ def _matmul(out, a, b, beta=0.0):
     """out = a @ b + beta out: bf16 views a, b, float32 out; MKL, one block
     of out's rows per thread (cpu_parallel.for_gemm_blocks)."""
     cpu_parallel.for_gemm_blocks(lambda rows, cols: mkl.matmul(out[rows, cols], a[rows], b[:, cols], beta),
-                                 *out.shape, a.shape[1], min_work=cpu.GEMM_PARALLEL, by_rows=True)
+                                 *out.shape, a.shape[1], by_rows=True)
 
 
 def matmul_forward(out, inp, weight, bias, gelu_out=None):

@@ -75,15 +75,25 @@ def version() -> str:
     return buf.value.decode().strip()
 
 
-def cpu_has_amx_bf16() -> bool:
+def _cpuinfo(key: str) -> str:
+    """The value of the first `key` line of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return False
+    return ""
+
+
+def cpu_has_amx_bf16() -> bool:
+    return "amx_bf16" in _cpuinfo("flags").split()
+
+
+def intel_cpu() -> bool:
+    """An Intel CPU: where the fp32 backend's "auto" takes MKL's sgemm (ops/cpu.py)."""
+    return _cpuinfo("vendor_id") == "GenuineIntel"
 
 
 def _leading(x) -> int:
