@@ -513,44 +513,105 @@ def suite_line(row: dict) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def suite_main(argv=None) -> int:
-    """python -m llmpy.bench --suite [--runs N] [--steps N] [--shapes M:B:T,...] [--bf16] [--quick] [--json]"""
-    import argparse
+def suite_machine_lines() -> list[str]:
+    """What the suite ran on, as '# ' lines to paste above its table in
+    bench/RESULTS.md: date, CPU model, cores and load; the CPU's vector and
+    matrix flags; NumPy's BLAS (its kernels and threads) and torch's version
+    (read from its metadata: PyTorch is imported by the children only). A note
+    where OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set: they slow a current
+    NumPy, and bench/cpu_suite.sh unsets them for its run."""
+    import datetime
+    import os
+    from importlib import metadata
+    from .ops.mkl import _cpuinfo
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    have = set(_cpuinfo("flags").split())
+    lines = [f"# {now} {_cpuinfo('model name') or 'unknown CPU'} x{cores}; load: {load}",
+             f"# cpu flags: {' '.join(f for f in wanted if f in have) or '(none of ' + ' '.join(wanted) + ')'}"]
+    try:
+        import threadpoolctl
+        blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        kind = (f"{blas[0]['internal_api']} {blas[0].get('architecture')} kernels, {blas[0]['num_threads']} threads"
+                if blas else "no BLAS found")
+    except ImportError:
+        kind = "BLAS unknown: no threadpoolctl"
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    lines.append(f"# numpy {np.__version__} ({kind}), torch {torch}")
+    tuned = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    if tuned:
+        lines.append(f"# note: {' '.join(tuned)} is set and slows NumPy's sgemm; "
+                     "bash bench/cpu_suite.sh runs without it")
+    return lines
+
+
+def run_suite(shapes: str | None = None, runs: int | None = 1, steps: int = 7, bf16: bool = False,
+              quick: bool = False, as_json: bool = False) -> None:
+    """The suite as `llmpy bench --suite` and `python -m llmpy.bench --suite`
+    run it: the machine's lines and a Markdown table (as_json: one JSON line a
+    row instead), each row printed as it is done. shapes: 'M:B:T,...' (default
+    SUITE); quick: the smallest shape once, 5 steps. LlmpyError on bad input."""
     import json
+    runs = 1 if runs is None else runs
+    if runs < 1:
+        raise LlmpyError(f"--runs {runs}: must be >= 1")
+    parsed = parse_shapes(shapes) if shapes else SUITE
+    if quick:
+        parsed, runs, steps = (SUITE[-1],), 1, 5
+    llmpy_bf16 = False
+    if bf16:
+        from .ops import mkl
+        try:
+            mkl.library()
+            llmpy_bf16 = True
+        except LlmpyError as e:
+            print(f"# llmpy --dtype bf16 not timed: {e}", flush=True)
+    if not as_json:
+        header = list(SUITE_HEADER) + (["PyTorch bf16 ms"] if bf16 else []) + \
+            (["llmpy bf16 ms", "bf16 ratio", "llmpy bf16 RSS MiB", "PyTorch bf16 RSS MiB"] if llmpy_bf16 else [])
+        print("\n".join(suite_machine_lines()), flush=True)
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    suite(parsed, runs, steps, bf16, llmpy_bf16,
+          echo=lambda row: print(json.dumps(row) if as_json else suite_line(row), flush=True))
+    if not as_json:
+        import os
+        print(f"# load after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+
+def suite_main(argv=None) -> int:
+    """python -m llmpy.bench --suite [--runs N] [--steps N] [--shapes M:B:T,...] [--bf16] [--quick] [--json]
+    (the same as `llmpy bench --suite ...`)"""
+    import argparse
     import sys
     p = argparse.ArgumentParser(prog="python -m llmpy.bench", description="the CPU suite (bench/cpu_suite.sh)")
     p.add_argument("--suite", action="store_true", required=True, help="run the CPU suite")
-    p.add_argument("--runs", type=int, default=1, help="times through every shape (order alternates)")
+    add_suite_arguments(p)
     p.add_argument("--steps", type=int, default=7, help="timed steps per side (at least 5)")
-    p.add_argument("--shapes", default=",".join(f"{m}:{b}:{t}" for m, b, t in SUITE),
-                   help="MODEL:B:T,... (default: the issue-14 table)")
-    p.add_argument("--bf16", action="store_true", help="also time PyTorch under bf16 autocast, and llmpy "
-                   "--dtype bf16 where Intel MKL is installed (llmpy[cpu-bf16])")
-    p.add_argument("--quick", action="store_true", help="the smallest shape (d2 B=4 T=64) once, 5 steps: a smoke test")
     p.add_argument("--json", action="store_true", help="one JSON line per row instead of a table")
     args = p.parse_args(argv)
     try:
-        shapes = parse_shapes(args.shapes)
-        if args.quick:
-            shapes, args.runs, args.steps = (SUITE[-1],), 1, 5
-        llmpy_bf16 = False
-        if args.bf16:
-            from .ops import mkl
-            try:
-                mkl.library()
-                llmpy_bf16 = True
-            except LlmpyError as e:
-                print(f"# llmpy --dtype bf16 not timed: {e}", flush=True)
-        if not args.json:
-            header = list(SUITE_HEADER) + (["PyTorch bf16 ms"] if args.bf16 else []) + \
-                (["llmpy bf16 ms", "bf16 ratio", "llmpy bf16 RSS MiB", "PyTorch bf16 RSS MiB"] if llmpy_bf16 else [])
-            print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
-        suite(shapes, args.runs, args.steps, args.bf16, llmpy_bf16,
-              echo=lambda row: print(json.dumps(row) if args.json else suite_line(row), flush=True))
+        run_suite(args.shapes, args.runs, args.steps, args.bf16, args.quick, args.json)
     except LlmpyError as e:
         print(f"llmpy bench --suite: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def add_suite_arguments(p):
+    """The suite's own flags, for both of its command lines."""
+    p.add_argument("--runs", type=int, default=None, help="--suite: times through every shape, the order "
+                   "alternating (default 1)")
+    p.add_argument("--shapes", default=None, help="--suite: MODEL:B:T,... (default: "
+                   + ",".join(f"{m}:{b}:{t}" for m, b, t in SUITE) + ")")
+    p.add_argument("--bf16", action="store_true", help="--suite: also PyTorch under bf16 autocast, and llmpy "
+                   "--dtype bf16 where Intel MKL is installed (llmpy[cpu-bf16])")
+    p.add_argument("--quick", action="store_true", help="--suite: the smallest shape (d2 B=4 T=64) once, "
+                   "5 steps: a smoke test")
 
 
 if __name__ == "__main__":

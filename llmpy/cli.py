@@ -310,11 +310,12 @@ def _convert(args):
 # ---------------------------------------------------------------------- bench
 
 def _bench_parser(sub):
-    p = sub.add_parser("bench", help="time a full training step (optionally against PyTorch)")
+    from .bench import add_suite_arguments
+    p = sub.add_parser("bench", help="time a full training step (optionally against PyTorch), or the CPU suite")
     p.add_argument("--device", default="cpu", choices=DEVICES)
-    p.add_argument("--model", default="d12")
-    p.add_argument("-B", "--batch-size", type=int, default=4)
-    p.add_argument("-T", "--seq-len", type=int, default=64)
+    p.add_argument("--model", default=None, help="preset or hub name (default d12)")
+    p.add_argument("-B", "--batch-size", type=int, default=None, help="default 4")
+    p.add_argument("-T", "--seq-len", type=int, default=None, help="default 64")
     p.add_argument("--steps", type=int, default=7, help="timed steps (after warm-up)")
     p.add_argument("--compare", choices=["torch"], default=None)
     p.add_argument("--dtype", default="fp32", choices=DTYPES,
@@ -327,12 +328,34 @@ def _bench_parser(sub):
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="cuda: launch llmpy's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--profile", action="store_true", help="also time llmpy's step op by op (a table per op)")
+    p.add_argument("--suite", action="store_true",
+                   help="the CPU suite: every shape a CPU user runs, llmpy and PyTorch eager fp32 each in a "
+                        "child process of its own, taking turns; ratio, floor share and peak RSS of both "
+                        "(needs torch: pip install -e '.[test]')")
+    add_suite_arguments(p)
 
 
 def _bench(args):
-    from .bench import bench, print_table
-    res = bench(args.device, args.model, args.batch_size, args.seq_len, args.steps, args.compare,
-                dtype=args.dtype, only=args.only, compile=args.compile, graphs=args.graphs,
+    from .bench import bench, print_table, run_suite
+    suite_only = [f for f, on in (("--runs", args.runs is not None), ("--shapes", args.shapes is not None),
+                                  ("--bf16", args.bf16), ("--quick", args.quick)) if on]
+    if args.suite:
+        # the suite sets its own shapes and sides: a flag of the single run would be ignored
+        single = [f for f, on in (("--model", args.model is not None), ("-B", args.batch_size is not None),
+                                  ("-T", args.seq_len is not None), ("--compare", args.compare),
+                                  ("--only", args.only), ("--compile", args.compile is not None),
+                                  ("--profile", args.profile), ("--device cuda", args.device != "cpu"),
+                                  ("--dtype bf16", args.dtype != "fp32")) if on]
+        if single:
+            raise LlmpyError(f"--suite runs its own shapes on the CPU, so {', '.join(single)} does not apply; "
+                             "choose shapes with --shapes MODEL:B:T,... and add PyTorch's bf16 step with --bf16")
+        return run_suite(args.shapes, args.runs, args.steps, args.bf16, args.quick, args.json)
+    if suite_only:
+        raise LlmpyError(f"{', '.join(suite_only)} only with --suite")
+    B = 4 if args.batch_size is None else args.batch_size
+    T = 64 if args.seq_len is None else args.seq_len
+    res = bench(args.device, args.model or "d12", B, T, args.steps,
+                args.compare, dtype=args.dtype, only=args.only, compile=args.compile, graphs=args.graphs,
                 profile=args.profile)
     print(json.dumps(res) if args.json else print_table(res))
 

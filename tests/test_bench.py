@@ -89,11 +89,11 @@ def test_bench_bf16_without_mkl_is_a_one_line_error(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_cpu_suite_quick_runs_both_sides_in_children_with_their_rss(capsys):
-    """`python -m llmpy.bench --suite --quick` (bench/cpu_suite.sh): the smallest
+    """`llmpy bench --suite --quick` (bench/cpu_suite.sh): the smallest
     shape once, llmpy and PyTorch each in a child process of its own (~20 s)."""
-    from llmpy.bench import SUITE_HEADER, suite_line, suite_main
+    from llmpy.bench import SUITE_HEADER, suite_line
     from llmpy.model import memory_estimate
-    assert suite_main(["--suite", "--quick", "--json"]) == 0
+    assert cli.main(["bench", "--suite", "--quick", "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     row = json.loads(out[0])
@@ -115,3 +115,69 @@ def test_cpu_suite_bad_shape_is_a_one_line_error(capsys):
     assert suite_main(["--suite", "--shapes", "d2:4"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "MODEL:B:T" in err
+
+
+def _fake_children(monkeypatch):
+    """bench_child replaced by made-up step times (no child processes): what
+    the suite's table does with them. Returns the list of calls."""
+    from llmpy import bench
+    calls = []
+
+    def child(side, model, B, T, steps):
+        calls.append((side, model, B, T, steps))
+        ms = {"llmpy": 30.0, "torch": 60.0}[side] * B * T / 256
+        res = {"peak_rss_mib": 100.0 + len(calls)}
+        if side == "llmpy":
+            res.update(ms_per_step=ms, sgemm_gflops=150.0, floor_ms=0.6 * ms, floor_share=0.6)
+        else:
+            res.update(torch_ms_per_step=ms)
+        return res
+    monkeypatch.setattr(bench, "bench_child", child)
+    return calls
+
+
+def test_llmpy_bench_suite_prints_the_machine_then_a_row_per_run_and_shape(capsys, monkeypatch):
+    """`llmpy bench --suite --runs 2 --shapes ...`: the machine's lines (date,
+    CPU, flags as /proc/cpuinfo has them, NumPy's BLAS), the table header, a
+    row per (run, shape) with the sides' order alternating, each row's ratio
+    and floor share from its children's numbers."""
+    import re
+
+    import numpy as np
+    calls = _fake_children(monkeypatch)
+    rc = cli.main(["bench", "--suite", "--runs", "2", "--shapes", "d2:4:64,d4:8:128", "--steps", "6"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert re.match(r"# \d{4}-\d\d-\d\d \d\d:\d\d UTC .* x\d+; load: ", lines[0]), lines[0]
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    shown = lines[1].removeprefix("# cpu flags: ")
+    for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"):
+        assert (flag in shown.split()) == (flag in flags), (flag, shown)
+    assert lines[2].startswith(f"# numpy {np.__version__} (")
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].startswith("| run | shape | sgemm GFLOP/s | llmpy ms | PyTorch ms | ratio | floor share")
+    rows = table[2:]
+    assert [r.split(" | ")[1] for r in rows] == ["d2 B=4 T=64", "d4 B=8 T=128"] * 2
+    assert all(" | 0.500 | 60.0% | " in r for r in rows), rows        # 30 / 60 ms; the child's share
+    assert [c[0] for c in calls] == ["llmpy", "torch"] * 2 + ["torch", "llmpy"] * 2
+    assert {c[4] for c in calls} == {6}
+    assert lines[-1].startswith("# load after: ")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--suite", "--model", "d2"], "--model"),
+    (["--suite", "-B", "8", "--profile"], "-B, --profile"),
+    (["--suite", "--device", "cuda"], "--device cuda"),
+    (["--runs", "2"], "--runs only with --suite"),
+    (["--quick"], "--quick only with --suite"),
+    (["--suite", "--runs", "0"], "--runs 0: must be >= 1"),
+    (["--suite", "--shapes", "d2:4"], "MODEL:B:T"),
+])
+def test_llmpy_bench_suite_flag_mistakes_are_one_line(capsys, monkeypatch, args, named):
+    calls = _fake_children(monkeypatch)
+    rc = cli.main(["bench", *args])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and calls == []
+    assert err.count("\n") == 1 and named in err and "Traceback" not in err, err

@@ -233,9 +233,10 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, acc=True, gelu_inp=
 # (362-422 GFLOP/s against OpenBLAS's 318-395 on 2 cores; level on the
 # 768x768 ones: bench/RESULTS.md, 2026-12-03). MKL can also add into its
 # output (BLAS's beta = 1), which gradient accumulation wants. On an AMD
-# EPYC MKL's sgemm measured slower than OpenBLAS's (2026-12-02), so "auto"
-# takes it on Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment
-# forces a choice.
+# EPYC (Zen 3, AVX2) MKL's blocks were slower than OpenBLAS on every product
+# but one, each library in a process of its own (a d12 step's products
+# 1276 ms against 1049: bench/RESULTS.md, 2026-12-08), so "auto" takes it on
+# Intel only. LLMPY_CPU_BLAS=mkl or numpy in the environment forces a choice.
 blas = os.environ.get("LLMPY_CPU_BLAS", "auto")       # "auto", "mkl" or "numpy"
 _mkl = None             # ops/mkl.py once chosen, False for NumPy's matmul
 
