@@ -268,13 +268,15 @@ def test_compiled_classifier_gives_nan_for_a_nan_logit():
     assert np.isnan(losses[2]) and np.isfinite(np.delete(losses, 2)).all()
 
 
-@pytest.mark.parametrize("B, T, NH, hs", [(3, 37, 2, 8), (2, 64, 12, 64)])
-def test_compiled_attention_softmax_matches_float64(B, T, NH, hs):
+@pytest.mark.parametrize("B, T, NH, NKV, hs", [(3, 37, 2, 2, 8), (2, 64, 12, 12, 64),    # GPT-2's attention
+                                             (3, 37, 4, 2, 8), (2, 40, 6, 1, 16)])      # grouped-query
+def test_compiled_attention_softmax_matches_float64(B, T, NH, NKV, hs):
     # the compiled causal softmax (float32) against the NumPy code in float64
+    # (the NumPy code: against PyTorch and finite differences in test_ops_gradcheck, test_llama_ops)
     import llmpy.ops.cpu as ops
     rng = np.random.default_rng(7)
     C = NH * hs
-    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    qkv = rng.standard_normal((B, T, (NH + 2 * NKV) * hs)).astype(np.float32)
     dout = rng.standard_normal((B, T, C)).astype(np.float32)
 
     def run(dtype, compiled):
@@ -282,9 +284,13 @@ def test_compiled_attention_softmax_matches_float64(B, T, NH, hs):
         try:
             q = qkv.astype(dtype)
             out, att = np.empty((B, T, C), dtype), np.full((B, NH, T, T), np.nan, dtype)
-            ops.attention_forward(out, att, q, NH)
-            dqkv = np.empty_like(q)
-            ops.attention_backward(dqkv, dout.astype(dtype), q, att, np.full_like(att, np.nan), NH)
+            dqkv, datt = np.full_like(q, np.nan), np.full_like(att, np.nan)
+            if NKV == NH:
+                ops.attention_forward(out, att, q, NH)
+                ops.attention_backward(dqkv, dout.astype(dtype), q, att, datt, NH)
+            else:
+                ops.gqa_attention_forward(out, att, q, NH, NKV)
+                ops.gqa_attention_backward(dqkv, dout.astype(dtype), q, att, datt, NH, NKV)
             return out, att, dqkv
         finally:
             ops.compiled = True

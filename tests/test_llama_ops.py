@@ -223,21 +223,6 @@ def test_gqa_attention_backward_matches_finite_differences(rng, NH, NKV):
     assert rel_err(dqkv.reshape(-1), num) < GRAD_RTOL
 
 
-def test_gqa_with_all_heads_is_gpt2_attention(rng):
-    # NKV = NH is multi-head attention: the same numbers as attention_forward/_backward
-    B, T, NH, hs = 2, 5, 2, 3
-    qkv = rng.standard_normal((B, T, 3 * NH * hs))
-    out, att = run_gqa(qkv, NH, NH)
-    out2, att2 = np.empty_like(out), np.empty_like(att)
-    ops.attention_forward(out2, att2, qkv, NH)
-    np.testing.assert_allclose(out, out2, rtol=1e-13)
-    R = rng.standard_normal(out.shape)
-    d1, d2 = np.empty_like(qkv), np.empty_like(qkv)
-    ops.gqa_attention_backward(d1, R, qkv, att, np.empty_like(att), NH, NH)
-    ops.attention_backward(d2, R, qkv, att2, np.empty_like(att), NH)
-    np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-14)
-
-
 # ---------------------------------------------------------------------------- float32 vs float64
 
 def test_float32_forward_and_backward_match_float64(rng):

@@ -309,32 +309,46 @@ def attention_saved(B, NH, T, hs, dtype, n_kv_head=None):
     return contract.attention_saved(B, NH, T, hs, dtype, flash=False)
 
 
-def attention_forward(out, att, qkv, n_head):
-    # out (B, T, C); att (B, NH, T, T) keeps the softmax probabilities for the
-    # backward pass; qkv (B, T, 3C).
+# Grouped-query causal attention from the fused qkv (B, T, (NH + 2 NKV) hs)
+# (Llama 3; GPT-2's multi-head attention is the case NKV = NH, G = 1).
+# Query head h = j G + g (G = NH / NKV) uses key/value head j, as HF's
+# repeat_kv does; the query heads are viewed as (NKV, G) so that one matmul
+# broadcasts each k/v head over its group without copying it.
+
+def _gqa_heads(x, n_head, n_kv_head):
+    """(B, T, (NH + 2 NKV) hs) -> q (B, NKV, G, T, hs), k and v (B, NKV, 1, T, hs): views."""
+    B, T, _ = x.shape
+    q, k, v = shared.gqa_heads(x, B, T, n_head, n_kv_head)
+    # splitting the head axis NH = NKV x G of a view is a view too
+    return q.reshape(B, n_kv_head, n_head // n_kv_head, T, q.shape[-1]), k[:, :, None], v[:, :, None]
+
+
+def gqa_attention_forward(out, att, qkv, n_head, n_kv_head):
+    # out (B, T, NH hs); att (B, NH, T, T) keeps the softmax probabilities for
+    # the backward pass; qkv (B, T, (NH + 2 NKV) hs).
     #   att = softmax(q k^T / sqrt(hs) + causal mask),  out = att v
-    B, T, C3 = qkv.shape
-    q, k, v = shared.split_heads(qkv, B, T, n_head)
-    hs = C3 // (3 * n_head)
+    B, T, _ = qkv.shape
+    q, k, v = _gqa_heads(qkv, n_head, n_kv_head)
+    NKV, G, hs = q.shape[1], q.shape[2], q.shape[-1]
+    a_all = att.reshape(B, NKV, G, T, T)                 # a view: att is contiguous
+    y = out.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)
     scale, masked = 1.0 / math.sqrt(hs), shared.upper_triangle(np, T)
-    y = out.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     kernels = _kernels(att)          # the softmax in one compiled call a sequence
 
     def sequences(lo, hi):
         # sequences lo:hi, every head: both products and the softmax's five
         # passes while their (NH, T, T) probabilities are in cache
-        a = att[lo:hi]
+        a = a_all[lo:hi]
         np.matmul(q[lo:hi], k[lo:hi].swapaxes(-1, -2), out=a)
         if kernels:
             for b in range(lo, hi):
                 kernels.softmax_causal(att[b], scale)
-            np.matmul(a, v[lo:hi], out=y[lo:hi])
-            return
-        a *= scale
-        np.copyto(a, -np.inf, where=masked)                     # token t sees only s <= t
-        a -= a.max(axis=-1, keepdims=True)
-        np.exp(a, out=a)
-        a /= a.sum(axis=-1, keepdims=True)
+        else:
+            a *= scale
+            np.copyto(a, -np.inf, where=masked)                 # token t sees only s <= t
+            a -= a.max(axis=-1, keepdims=True)
+            np.exp(a, out=a)
+            a /= a.sum(axis=-1, keepdims=True)
         np.matmul(a, v[lo:hi], out=y[lo:hi])
 
     # one sequence a block, on the threads, each product on one BLAS thread
@@ -342,39 +356,61 @@ def attention_forward(out, att, qkv, n_head):
     _for_row_blocks(sequences, B, n_head * T * T, block=1, blas_inside=True)
 
 
-def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
-    # dqkv (B, T, 3C) overwritten; dout (B, T, C); att (B, NH, T, T) from the
-    # forward pass; datt is scratch of att's shape; out (the forward's output)
-    # is not needed here.
+def gqa_attention_backward(dqkv, dout, qkv, att, datt, n_head, n_kv_head, out=None):
+    # dqkv (B, T, (NH + 2 NKV) hs) overwritten; dout (B, T, NH hs); att from
+    # the forward pass; datt scratch of att's shape; out unused here.
+    # Per query head:
     #   dv = att^T dy,  datt = dy v^T,
     #   softmax: dpre = att * (datt - sum_s(datt * att))   (row-wise)
     #   pre = q k^T * scale:  dq = dpre k * scale,  dk = dpre^T q * scale
     # Masked entries have att = 0, so their dpre is 0: the mask needs no care.
-    B, T, C3 = qkv.shape
-    hs = C3 // (3 * n_head)
-    q, k, v = shared.split_heads(qkv, B, T, n_head)
-    dq, dk, dv = shared.split_heads(dqkv, B, T, n_head)
-    dy = dout.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    # A k/v head was read by its G query heads, so its dk, dv are the sums of theirs.
+    B, T, _ = qkv.shape
+    q, k, v = _gqa_heads(qkv, n_head, n_kv_head)
+    dq, dk, dv = _gqa_heads(dqkv, n_head, n_kv_head)
+    NKV, G, hs = q.shape[1], q.shape[2], q.shape[-1]
+    a_all, da_all = att.reshape(B, NKV, G, T, T), datt.reshape(B, NKV, G, T, T)
+    dy = dout.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)
     scale = 1.0 / math.sqrt(hs)
     kernels = _kernels(att, datt)
 
+    def group_sum(product, out):
+        # out (b, NKV, 1, T, hs) = the G query heads' products summed (G = 1: written in place)
+        if G == 1:
+            product(out)
+        else:
+            np.sum(product(None), axis=2, keepdims=True, out=out)
+
     def sequences(lo, hi):
-        # sequences lo:hi, every head, as in attention_forward
-        a, d = att[lo:hi], datt[lo:hi]
-        np.matmul(a.swapaxes(-1, -2), dy[lo:hi], out=dv[lo:hi])
+        # sequences lo:hi, every head, as in gqa_attention_forward
+        a, d = a_all[lo:hi], da_all[lo:hi]
+        group_sum(lambda o: np.matmul(a.swapaxes(-1, -2), dy[lo:hi], out=o), dv[lo:hi])
         np.matmul(dy[lo:hi], v[lo:hi].swapaxes(-1, -2), out=d)
         if kernels:
             for b in range(lo, hi):
                 kernels.softmax_causal_backward(datt[b], att[b], scale)
         else:
-            rowdot = np.einsum("bhts,bhts->bht", d, a)
+            rowdot = np.einsum("bkgts,bkgts->bkgt", d, a)
             d -= rowdot[..., None]
             d *= a
             d *= scale
         np.matmul(d, k[lo:hi], out=dq[lo:hi])
-        np.matmul(d.swapaxes(-1, -2), q[lo:hi], out=dk[lo:hi])
+        group_sum(lambda o: np.matmul(d.swapaxes(-1, -2), q[lo:hi], out=o), dk[lo:hi])
 
     _for_row_blocks(sequences, B, n_head * T * T, block=1, blas_inside=True)
+
+
+def attention_forward(out, att, qkv, n_head):
+    # out (B, T, C); att (B, NH, T, T) keeps the softmax probabilities for the
+    # backward pass; qkv (B, T, 3C). GPT-2's attention is grouped-query
+    # attention with one query head per key/value head (above).
+    gqa_attention_forward(out, att, qkv, n_head, n_head)
+
+
+def attention_backward(dqkv, dout, qkv, att, datt, n_head, out=None):
+    # dqkv (B, T, 3C) overwritten; dout (B, T, C); att from the forward pass;
+    # datt scratch of att's shape; out (the forward's output) is not needed.
+    gqa_attention_backward(dqkv, dout, qkv, att, datt, n_head, n_head)
 
 
 # ----------------------------------------------------------------------------
@@ -576,8 +612,9 @@ def attention_forward_cached(out, q, k, v, pos):
 
 # ============================================================================
 # the Llama family's ops (contract.LLAMA_OPS): embedding, RMSNorm, RoPE,
-# SwiGLU, grouped-query attention. Shapes as in the contract: NKV key/value
-# heads, hs the head size, I the MLP's intermediate size.
+# SwiGLU (its grouped-query attention is GPT-2's, in the attention section
+# above). Shapes as in the contract: NKV key/value heads, hs the head size,
+# I the MLP's intermediate size.
 
 # ----------------------------------------------------------------------------
 # embedding: out[b, t] = wte[ids[b, t]] (RoPE, not a table, carries the positions)
@@ -704,56 +741,3 @@ def swiglu_backward(dinp, dout, inp):
     dgate *= dout
 
 
-# ----------------------------------------------------------------------------
-# grouped-query causal attention from the fused qkv (B, T, (NH + 2 NKV) hs).
-# Query head h = j G + g (G = NH / NKV) uses key/value head j, as HF's
-# repeat_kv does; the query heads are viewed as (NKV, G) so that one matmul
-# broadcasts each k/v head over its group without copying it.
-
-def _gqa_heads(x, n_head, n_kv_head):
-    """(B, T, (NH + 2 NKV) hs) -> q (B, NKV, G, T, hs), k and v (B, NKV, 1, T, hs): views."""
-    B, T, _ = x.shape
-    q, k, v = shared.gqa_heads(x, B, T, n_head, n_kv_head)
-    # splitting the head axis NH = NKV x G of a view is a view too
-    return q.reshape(B, n_kv_head, n_head // n_kv_head, T, q.shape[-1]), k[:, :, None], v[:, :, None]
-
-
-def gqa_attention_forward(out, att, qkv, n_head, n_kv_head):
-    # out (B, T, NH hs); att (B, NH, T, T) keeps the softmax probabilities
-    #   att = softmax(q k^T / sqrt(hs) + causal mask),  out = att v
-    B, T, _ = qkv.shape
-    q, k, v = _gqa_heads(qkv, n_head, n_kv_head)
-    NKV, G, hs = q.shape[1], q.shape[2], q.shape[-1]
-    a = att.reshape(B, NKV, G, T, T)                     # a view: att is contiguous
-    np.matmul(q, k.swapaxes(-1, -2), out=a)
-    a *= 1.0 / math.sqrt(hs)
-    a[..., shared.upper_triangle(np, T)] = -np.inf       # token t sees only s <= t
-    a -= a.max(axis=-1, keepdims=True)
-    np.exp(a, out=a)
-    a /= a.sum(axis=-1, keepdims=True)
-    y = out.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)
-    np.matmul(a, v, out=y)
-
-
-def gqa_attention_backward(dqkv, dout, qkv, att, datt, n_head, n_kv_head, out=None):
-    # dqkv (B, T, (NH + 2 NKV) hs) overwritten; dout (B, T, NH hs); att from
-    # the forward pass; datt scratch of att's shape; out unused here.
-    # Per query head, as attention_backward:
-    #   dv = att^T dy,  datt = dy v^T,  dpre = att * (datt - rowsum(datt * att)),
-    #   dq = dpre k / sqrt(hs),  dk = dpre^T q / sqrt(hs);
-    # a k/v head was read by its G query heads, so its dk, dv are the sums of theirs.
-    B, T, _ = qkv.shape
-    q, k, v = _gqa_heads(qkv, n_head, n_kv_head)
-    dq, dk, dv = _gqa_heads(dqkv, n_head, n_kv_head)
-    NKV, G, hs = q.shape[1], q.shape[2], q.shape[-1]
-    a = att.reshape(B, NKV, G, T, T)
-    da = datt.reshape(B, NKV, G, T, T)
-    dy = dout.reshape(B, T, NKV, G, hs).transpose(0, 2, 3, 1, 4)
-    np.sum(np.matmul(a.swapaxes(-1, -2), dy), axis=2, keepdims=True, out=dv)
-    np.matmul(dy, v.swapaxes(-1, -2), out=da)
-    rowdot = np.einsum("bkgts,bkgts->bkgt", da, a)
-    da -= rowdot[..., None]
-    da *= a
-    da *= 1.0 / math.sqrt(hs)
-    np.matmul(da, k, out=dq)
-    np.sum(np.matmul(da.swapaxes(-1, -2), q), axis=2, keepdims=True, out=dk)
