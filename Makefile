@@ -21,8 +21,9 @@ train: $(VENV)/.installed
 	$(VENV)/bin/llmpy train $(ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here too.
+# --durations: the 15 slowest tests, so a CI log says where its minutes went.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/llmpy bench --device cpu --model d12 -B 4 -T 64 --compare torch $(ARGS)
