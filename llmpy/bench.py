@@ -211,7 +211,7 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
     from .dist import SingleProcess
     from .model import GPT
     from .optim import AdamW
-    from .step import DeviceStep, HostStep
+    from .step import DeviceStep, HostStep, check_fits
     model = GPT(cfg, device=device, seed=0, dtype=dtype)
     opt = AdamW(model, weight_decay=0.1)
     ids = real_text_batch(B, T, cfg.vocab_size)
@@ -231,6 +231,8 @@ def bench_llmpy(cfg, device, B, T, steps, dtype="fp32", graphs=True, profile=Fal
                 peak[0] = max(peak[0], pool.total_bytes())
         return step
 
+    if device == "cpu":
+        check_fits(model, B, T)                 # (DeviceStep asks on a GPU)
     host_step = HostStep(model, opt, SingleProcess(), grad_clip=1.0)
     if device == "cuda":
         device_step = DeviceStep(model, opt, B, T, grad_clip=1.0, capture=graphs)

@@ -33,6 +33,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"llmpy {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        # an allocation larger than the machine (NumPy names its size): the
+        # user's to fix, like a bad flag
+        if args.debug:
+            raise
+        print(f"llmpy {args.command}: error: out of memory ({e or 'an allocation failed'}); "
+              "a smaller --model, -B or -T", file=sys.stderr)
+        return 2
 
 
 class _Parser(argparse.ArgumentParser):

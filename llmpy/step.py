@@ -136,17 +136,25 @@ class HostStep:
         return math.sqrt(comm.all_reduce_scalar(float(model.ops.sum_of_squares(g[lo:hi]))))
 
 
-def _check_fits(model, B: int, T: int):
-    """Refuse, in one line, a (B, T) whose buffers alone (model.memory_estimate,
-    with flash attention's smaller activations for bf16: a lower bound) are
-    larger than the GPU, naming the largest halving of B that fits in 90% of
-    it; nothing is said where the device's memory is unknown."""
-    total = model.ops.runtime.device_memory()
+def check_fits(model, B: int, T: int):
+    """Refuse, in one line, a (B, T) whose training buffers alone
+    (model.memory_estimate: a lower bound; with flash attention's smaller
+    activations for bf16 on a GPU) are larger than the memory they go in:
+    the GPU's, or on the CPU this machine's (machine_memory), naming the
+    largest halving of B that fits in 90% of it; nothing is said where that
+    memory is unknown. On the CPU the fp32 count (activations and gradients
+    are float32 there in either --dtype) is what a process of one rank needs:
+    train.py asks before anything is written, so a run too large for the
+    machine ends in this line, not in the kernel's out-of-memory kill."""
+    runtime = getattr(model.ops, "runtime", None)          # the GPU backend's; the CPU's ops have none
+    total = machine_memory() if runtime is None else runtime.device_memory()
     if total is None:
         return
     from .errors import LlmpyError
 
     def need(b):   # the model family's own count (GPT-2's or Llama's buffers)
+        if runtime is None:
+            return model.memory_estimate(model.config, b, T, "fp32", flash=False, device="cpu")["total"]
         return model.memory_estimate(model.config, b, T, model.dtype, flash=model.dtype != "fp32")["total"]
     if need(B) <= total:
         return
@@ -156,8 +164,28 @@ def _check_fits(model, B: int, T: int):
     gib = 2 ** 30
     hint = (f"-B {fits} needs ~{need(fits) / gib:.1f} GiB (gradient accumulation keeps the tokens per step: "
             f"--total-batch-size)" if need(fits) <= 0.9 * total else "even -B 1 does not fit: a smaller model")
+    where = "this machine has" if runtime is None else "the GPU has"
     raise LlmpyError(f"-B {B} -T {T} --dtype {model.dtype}: the step's buffers need ~{need(B) / gib:.1f} GiB "
-                     f"(model.memory_estimate), the GPU has {total / gib:.1f} GiB; {hint}")
+                     f"(model.memory_estimate), {where} {total / gib:.1f} GiB; {hint}")
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's RAM, or the
+    container's limit where a cgroup (v2) sets a smaller one; None where
+    neither can be read."""
+    import os
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
 
 
 class DeviceStep:
@@ -173,7 +201,7 @@ class DeviceStep:
                  capture: bool = True):
         ops, xp = model.ops, model.xp
         self.model, self.optimizer, self.ops = model, optimizer, ops
-        _check_fits(model, B, T)
+        check_fits(model, B, T)
         self.accum = int(accum)
         self.grad_clip = float(grad_clip) if grad_clip and grad_clip > 0 else 0.0
         self.ids = xp.zeros((B, T), dtype=np.int64)

@@ -35,7 +35,7 @@ from .errors import Interrupted, LlmpyError
 from .ops import get_backend
 from .optim import AdamW, lr_at
 from .runlog import RunLog
-from .step import DeviceStep, HostStep
+from .step import DeviceStep, HostStep, check_fits
 
 
 def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
@@ -73,6 +73,9 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
     else:
         model, init = families.build(tc.model, tc.device, tc.dtype, tc.seed, tc.seq_len)
     tokenizer, tokenizer_files, samples_note = run_tokenizer(tc, model, resume_from)
+    if tc.device == "cpu" and world == 1:
+        # (on a GPU DeviceStep asks; several CPU ranks share a machine, and ZeRO-1 shards m and v)
+        check_fits(model, tc.batch_size, tc.seq_len)
     if root:
         out.mkdir(parents=True, exist_ok=True)
     train_pattern, val_pattern = resolve_data(tc, comm)

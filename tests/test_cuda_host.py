@@ -633,20 +633,20 @@ def test_check_fits_refuses_d12_fp32_b64_on_an_80_gib_gpu():
     from llmpy.config import preset
     from llmpy.errors import LlmpyError
     from llmpy.model import memory_estimate
-    from llmpy.step import _check_fits
+    from llmpy.step import check_fits
     cfg, gib = preset("d12"), 2 ** 30
     model = SimpleNamespace(config=cfg, dtype="fp32", memory_estimate=memory_estimate, ops=SimpleNamespace(
         runtime=SimpleNamespace(device_memory=lambda: 80 * gib)))
     with pytest.raises(LlmpyError) as e:
-        _check_fits(model, 64, 1024)
+        check_fits(model, 64, 1024)
     msg = str(e.value)
     need = memory_estimate(cfg, 64, 1024, "fp32", flash=False)["total"] / gib     # ~91 GiB
     assert need > 80
     assert "\n" not in msg and f"~{need:.1f} GiB" in msg and "80.0 GiB" in msg and "-B 32 " in msg
     assert memory_estimate(cfg, 32, 1024, "fp32", flash=False)["total"] <= 0.9 * 80 * gib
-    _check_fits(model, 32, 1024)                                   # fits: no error
+    check_fits(model, 32, 1024)                                   # fits: no error
     model.ops.runtime.device_memory = lambda: None                 # unknown memory: no check
-    _check_fits(model, 64, 1024)
+    check_fits(model, 64, 1024)
 
 
 def test_check_fits_counts_a_llama_by_its_own_buffers():
@@ -656,16 +656,16 @@ def test_check_fits_counts_a_llama_by_its_own_buffers():
 
     from llmpy.errors import LlmpyError
     from llmpy.llama import Llama, preset
-    from llmpy.step import _check_fits
+    from llmpy.step import check_fits
     cfg, gib = preset("llama3.1-8b"), 2 ** 30
     need = Llama.memory_estimate(cfg, 1, 2048, "bf16", flash=True)["total"]
     assert need > 0.9 * 80 * gib
     model = SimpleNamespace(config=cfg, dtype="bf16", memory_estimate=Llama.memory_estimate, ops=SimpleNamespace(
         runtime=SimpleNamespace(device_memory=lambda: 80 * gib)))
     with pytest.raises(LlmpyError, match="even -B 1 does not fit"):
-        _check_fits(model, 4, 2048)
+        check_fits(model, 4, 2048)
     model.ops.runtime.device_memory = lambda: 200 * gib
-    _check_fits(model, 1, 2048)
+    check_fits(model, 1, 2048)
 
 
 def test_device_step_waits_for_the_device_once_and_stages_its_uploads(cuda, monkeypatch):
