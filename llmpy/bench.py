@@ -558,11 +558,15 @@ def run_suite(shapes: str | None = None, runs: int | None = 1, steps: int = 7, b
     run it: the machine's lines and a Markdown table (as_json: one JSON line a
     row instead), each row printed as it is done. shapes: 'M:B:T,...' (default
     SUITE); quick: the smallest shape once, 5 steps. LlmpyError on bad input."""
+    import importlib.util
     import json
     runs = 1 if runs is None else runs
     if runs < 1:
         raise LlmpyError(f"--runs {runs}: must be >= 1")
     parsed = parse_shapes(shapes) if shapes else SUITE
+    if importlib.util.find_spec("torch") is None:       # (before a child has spent a minute on llmpy's side)
+        raise LlmpyError("the suite times PyTorch beside llmpy, and torch is not installed in this environment: "
+                         "pip install -e '.[test]' (or pip install torch)")
     if quick:
         parsed, runs, steps = (SUITE[-1],), 1, 5
     llmpy_bf16 = False
