@@ -61,7 +61,11 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
 
     tc, resume_from, finished_at = _plan_resume(tc, given, out, comm, say)
     if finished_at is not None:
-        say(f"{out}: already at step {finished_at} of {tc.steps}; --steps M extends it")
+        if finished_at >= tc.steps:
+            say(f"{out}: already at step {finished_at} of {tc.steps}; --steps M extends it")
+        else:
+            say(f"{out}: already at step {finished_at}, at or past --stop-at {tc.stop_at}: nothing to do "
+                f"(a later --stop-at, or none, continues it)")
         comm.close()
         return {"out": str(out), "steps": finished_at, "done": True, "rank": comm.rank}
     # the model and its tokenizer before anything is written: a bad --model
@@ -199,7 +203,7 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
 
 def _plan_resume(tc: TrainConfig, given: set[str], out: Path, comm, say):
     """(this run's config, the checkpoint to resume from or None, the step a
-    finished run stands at or None). Rank 0 decides whether `out` may be used
+    run with nothing left to do stands at (finished, or at --stop-at) or None). Rank 0 decides whether `out` may be used
     and which checkpoint continues, before anything is written; on resume the
     saved flags fill in those not given (TrainConfig.resumed)."""
     chosen = np.zeros(1, dtype=np.int64)                  # the step of the checkpoint to resume (0: none)
@@ -216,7 +220,7 @@ def _plan_resume(tc: TrainConfig, given: set[str], out: Path, comm, say):
     tc.check()
     for note in notes:
         say(note)
-    if saved["step"] >= tc.steps:
+    if saved["step"] >= tc.steps or (tc.stop_at is not None and saved["step"] >= tc.stop_at):
         return tc, resume_from, saved["step"]
     if was_steps is not None and tc.steps != was_steps:
         # the schedule is a function of the total: recomputed over the new one

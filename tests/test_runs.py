@@ -108,6 +108,14 @@ def test_resume_keeps_the_saved_flags_names_changes_and_extends(env):
     r = train(root, *args, "--steps", "6", "--lr-schedule", "linear", "--stop-at", "3", "--out", "remember")
     assert r.returncode == 0, r.stderr
     assert "done: loss" in r.stdout and "no val loss in these steps" in r.stdout     # not "val loss nan"
+    # a --stop-at the run has already reached: one line, exit 0, nothing written (not a run of no steps)
+    before = {p: p.stat().st_mtime_ns for p in (root / "remember").rglob("*")}
+    for stop in ("2", "3"):
+        r = train(root, "--out", "remember", "--resume", "--stop-at", stop)
+        assert r.returncode == 0, r.stderr
+        assert f"already at step 3, at or past --stop-at {stop}: nothing to do" in r.stdout, r.stdout
+        assert "done:" not in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in (root / "remember").rglob("*")} == before
     # no --steps, --lr-schedule: the saved ones; the result equals the run that never stopped
     r = train(root, "--out", "remember", "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
