@@ -31,6 +31,7 @@ between results with the same peak_how.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 
@@ -434,7 +435,6 @@ def bench_child(side: str, model: str, B: int, T: int, steps: int) -> dict:
     under bf16 autocast). Returns the child's result dict
     with peak_rss_mib added (the child's ru_maxrss, from os.wait4)."""
     import json
-    import os
     import subprocess
     import sys
     import tempfile
@@ -523,7 +523,6 @@ def suite_machine_lines() -> list[str]:
     where OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set: they slow a current
     NumPy, and bench/cpu_suite.sh unsets them for its run."""
     import datetime
-    import os
     from importlib import metadata
     from .ops.mkl import _cpuinfo
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -585,7 +584,6 @@ def run_suite(shapes: str | None = None, runs: int | None = 1, steps: int = 7, b
     suite(parsed, runs, steps, bf16, llmpy_bf16,
           echo=lambda row: print(json.dumps(row) if as_json else suite_line(row), flush=True))
     if not as_json:
-        import os
         print(f"# load after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
 
