@@ -360,11 +360,10 @@ def _bench(args):
         return run_suite(args.shapes, args.runs, args.steps, args.bf16, args.quick, args.json)
     if suite_only:
         raise LlmpyError(f"{', '.join(suite_only)} only with --suite")
-    B = 4 if args.batch_size is None else args.batch_size
-    T = 64 if args.seq_len is None else args.seq_len
-    res = bench(args.device, args.model or "d12", B, T, args.steps,
-                args.compare, dtype=args.dtype, only=args.only, compile=args.compile, graphs=args.graphs,
-                profile=args.profile)
+    # the shape flags default to None (so that --suite can tell them given): bench() has the defaults
+    shape = {k: v for k, v in (("model", args.model), ("B", args.batch_size), ("T", args.seq_len)) if v is not None}
+    res = bench(args.device, steps=args.steps, compare=args.compare, dtype=args.dtype, only=args.only,
+                compile=args.compile, graphs=args.graphs, profile=args.profile, **shape)
     print(json.dumps(res) if args.json else print_table(res))
 
 

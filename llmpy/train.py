@@ -203,9 +203,10 @@ def train(tc: TrainConfig, given: set[str] | None = None) -> dict:
 
 def _plan_resume(tc: TrainConfig, given: set[str], out: Path, comm, say):
     """(this run's config, the checkpoint to resume from or None, the step a
-    run with nothing left to do stands at (finished, or at --stop-at) or None). Rank 0 decides whether `out` may be used
-    and which checkpoint continues, before anything is written; on resume the
-    saved flags fill in those not given (TrainConfig.resumed)."""
+    run with nothing left to do stands at (finished, or at --stop-at) or
+    None). Rank 0 decides whether `out` may be used and which checkpoint
+    continues, before anything is written; on resume the saved flags fill in
+    those not given (TrainConfig.resumed)."""
     chosen = np.zeros(1, dtype=np.int64)                  # the step of the checkpoint to resume (0: none)
     if comm.rank == 0:
         path = ckpt.claim(out, tc.resume, tc.overwrite, say)

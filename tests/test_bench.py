@@ -174,16 +174,22 @@ def test_llmpy_bench_suite_prints_the_machine_then_a_row_per_run_and_shape(capsy
     (["--quick"], "--quick only with --suite"),
     (["--suite", "--runs", "0"], "--runs 0: must be >= 1"),
     (["--suite", "--shapes", "d2:4"], "MODEL:B:T"),
-    (["--suite", "--quick", "NO TORCH"], "torch is not installed in this environment: pip install"),
 ])
 def test_llmpy_bench_suite_flag_mistakes_are_one_line(capsys, monkeypatch, args, named):
     calls = _fake_children(monkeypatch)
-    if "NO TORCH" in args:          # an environment without PyTorch, as `make train` makes
-        import importlib.util
-        find_spec = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
-        args = [a for a in args if a != "NO TORCH"]
     rc = cli.main(["bench", *args])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and calls == []
     assert err.count("\n") == 1 and named in err and "Traceback" not in err, err
+
+
+def test_llmpy_bench_suite_without_torch_is_one_line_before_any_child(capsys, monkeypatch):
+    # an environment without PyTorch, as `make train` makes
+    import importlib.util
+    calls = _fake_children(monkeypatch)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    rc = cli.main(["bench", "--suite", "--quick"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and calls == []
+    assert err.count("\n") == 1 and "torch is not installed in this environment: pip install" in err, err
